@@ -1,0 +1,144 @@
+"""Command line: `astolfo-dist merge|inspect|demo`. Maps the engine's typed errors to exit
+codes (0 ok, 2 bad input or usage, 1 internal error, 130 interrupted) and one line each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import AstolfoError
+from .merge import DEFAULT_CHUNK_MB, MergeResult
+from .recipe.spec import ACCUMULATE_CHOICES, DTYPE_CHOICES, KEY_POLICIES
+
+log = logging.getLogger("astolfo_dist")
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="astolfo-dist", description="Merge many checkpoints in bounded memory.")
+    parser.add_argument("--version", action="version", version=f"astolfo-dist {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", parents=[common], help="merge models into one safetensors file")
+    m.add_argument("models", nargs="+", metavar="MODEL", help="safetensors file, HF folder, fsspec URL or .ckpt")
+    m.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    m.add_argument("--weights", type=_weights, help="w1,w2,... one per model, normalised to sum 1 (default 1/N)")
+    m.add_argument("--keys", choices=KEY_POLICIES, default="strict", help="key-set policy (default strict)")
+    m.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep", help="output float dtype (default keep)")
+    m.add_argument(
+        "--accumulate",
+        choices=ACCUMULATE_CHOICES,
+        default="auto",
+        help="accumulator: auto = fp32 for 16/8-bit outputs, fp64 for fp32/fp64 outputs",
+    )
+    m.add_argument("--drop", action="append", default=[], metavar="REGEX", help="drop keys matching (repeatable)")
+    m.add_argument(
+        "--replace", action="append", default=[], metavar="PREFIX=MODEL", help="copy keys under PREFIX from MODEL"
+    )
+    m.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="accumulator chunk size in MiB")
+    m.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    m.add_argument("--cache-dir", help="where converted .ckpt files are cached")
+
+    i = sub.add_parser("inspect", parents=[common], help="summarise a checkpoint from its header")
+    i.add_argument("model", metavar="MODEL")
+
+    d = sub.add_parser("demo", parents=[common], help="make small SD1.5-layout models and merge them")
+    d.add_argument("--dir", default="astolfo-demo", help="folder for the demo models and output")
+    d.add_argument("--models", type=int, default=4)
+    d.add_argument("--scale", type=int, default=16, help="shrink every dimension by this factor")
+    return parser
+
+
+def _summary(result: MergeResult) -> None:
+    gb = result.read_bytes / 1e9
+    log.info(
+        "merged %d tensors: read %.2f GB in %.2f s (%.2f GB/s), wrote %.2f GB",
+        result.tensors,
+        gb,
+        result.seconds,
+        gb / max(result.seconds, 1e-9),
+        result.written_bytes / 1e9,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "merge":
+        from .merge import merge
+
+        result = merge(
+            args.models,
+            args.output,
+            weights=args.weights,
+            keys=args.keys,
+            dtype=args.dtype,
+            accumulate=args.accumulate,
+            drop=args.drop,
+            replace=args.replace,
+            chunk_mb=args.chunk_mb,
+            workers=args.workers,
+            device=args.device,
+            overwrite=args.overwrite,
+            cache_dir=args.cache_dir,
+            progress=None if not args.quiet else False,
+        )
+        _summary(result)
+        print(result.output)
+    elif args.command == "inspect":
+        from .inspect import inspect_model
+
+        print("\n".join(inspect_model(args.model).lines()))
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        result = run_demo(Path(args.dir), models=args.models, scale=args.scale)
+        _summary(result)
+        print(result.output)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="astolfo-dist: %(message)s", stream=sys.stderr, force=True)
+    try:
+        return _run(args)
+    except AstolfoError as exc:
+        if args.debug:
+            raise
+        print(f"astolfo-dist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("astolfo-dist: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"astolfo-dist: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the CLI edge: one line, not a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"astolfo-dist: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""In-process executor: a thread pool. Reads (preadv) and torch kernels release the GIL,
+so threads give real parallelism without copying the plan into other processes."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from ..shards import Shard
+from ..worker import ChunkBuffers, ShardResult, WorkerContext, run_shard
+
+
+def run_local(ctx: WorkerContext, shards: list[Shard], workers: int) -> list[ShardResult]:
+    local = threading.local()
+
+    def task(shard: Shard) -> ShardResult:
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            buffers = local.buffers = ChunkBuffers(ctx.chunk_elems, ctx.device)
+        return run_shard(ctx, shard, buffers)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astolfo-worker") as pool:
+        futures: list[Future[ShardResult]] = [pool.submit(task, s) for s in shards]
+        try:
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
+        except BaseException:
+            # Ctrl-C or a failed shard: stop the others at their next chunk.
+            ctx.cancel.set()
+            for f in futures:
+                f.cancel()
+            raise
+    return [f.result() for f in futures]

@@ -1,0 +1,1 @@
+"""File formats: safetensors headers, range readers, the output writer and model sources."""

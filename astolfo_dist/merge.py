@@ -1,0 +1,176 @@
+"""The Python API: inputs -> plan -> shards -> executor -> commit. The CLI wraps this."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MergeCancelled, UsageError
+from .executors.local import run_local
+from .formats.header import Header, read_header
+from .formats.readers import RangeReader, open_reader
+from .formats.sources import ModelSource, resolve_model
+from .formats.writer import OutputFile, check_output
+from .plan import Plan, PlanReport, build_plan
+from .progress import progress_bar
+from .recipe.spec import MergeRecipe
+from .shards import make_shards
+from .worker import WorkerContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_MB = 4.0
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    report: PlanReport
+    tensors: int
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _parse_replace(replace: Sequence[str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in replace:
+        if isinstance(item, str):
+            prefix, sep, model = item.partition("=")
+            if not sep:
+                raise UsageError(f"--replace {item!r}: expected PREFIX=MODEL")
+            pairs.append((prefix, model))
+        else:
+            pairs.append((item[0], item[1]))
+    return tuple(pairs)
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, not {name!r}")
+    return device
+
+
+class Inputs:
+    """The resolved models with one open reader and one validated header per file."""
+
+    def __init__(self, recipe: MergeRecipe, cache_dir: Path | None) -> None:
+        self.readers: dict[str, RangeReader] = {}
+        self.headers: dict[str, Header] = {}
+        try:
+            self.models = [resolve_model(m, cache_dir) for m in recipe.models]
+            donor_names = list(dict.fromkeys(donor for _prefix, donor in recipe.replace))
+            self.donors = [resolve_model(d, cache_dir) for d in donor_names]
+            for model in self.models + self.donors:
+                for file in model.files:
+                    if file not in self.readers:
+                        self.readers[file] = open_reader(file)
+                        self.headers[file] = read_header(self.readers[file])
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def all_models(self) -> list[ModelSource]:
+        return self.models + self.donors
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()
+
+
+def plan_merge(recipe: MergeRecipe, inputs: Inputs) -> Plan:
+    return build_plan(recipe, inputs.models, inputs.donors, inputs.headers)
+
+
+def merge(
+    models: Sequence[str],
+    output: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    keys: str = "strict",
+    dtype: str = "keep",
+    accumulate: str = "auto",
+    drop: Sequence[str] = (),
+    replace: Sequence[str] | Sequence[tuple[str, str]] = (),
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    workers: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = False,
+) -> MergeResult:
+    """Merge `models` into one safetensors file at `output`.
+
+    Weights are normalised to sum to 1 (default: uniform 1/N). Raises InputError for bad
+    inputs, UsageError for bad options, MergeCancelled on Ctrl-C; in every failure the
+    partial output is removed and an existing output is left untouched.
+    """
+    recipe = MergeRecipe(
+        models=tuple(str(m) for m in models),
+        weights=None if weights is None else tuple(float(w) for w in weights),
+        keys=keys,  # type: ignore[arg-type]
+        dtype=dtype,
+        accumulate=accumulate,
+        drop=tuple(drop),
+        replace=_parse_replace(replace),
+    )
+    if chunk_mb <= 0:
+        raise UsageError("--chunk-mb must be positive")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    dev = _device(device)
+    out = Path(output)
+    check_output(out, overwrite)
+    started = time.perf_counter()
+
+    inputs = Inputs(recipe, Path(cache_dir) if cache_dir else None)
+    try:
+        plan = plan_merge(recipe, inputs)
+        for line in plan.report.lines():
+            log.info("%s", line)
+        shards = make_shards(plan)
+        # Accumulator chunk of `chunk_mb` float32s; the output never depends on it.
+        chunk_elems = max(1, int(chunk_mb * (1 << 20)) // 4)
+        sink = OutputFile(out, plan.total_size, plan.header, overwrite)
+        try:
+            with progress_bar(plan.read_bytes, progress) as on_progress:
+                ctx = WorkerContext(plan, inputs.readers, sink, chunk_elems, dev, threading.Event(), on_progress)
+                results = run_local(ctx, shards, min(workers, max(1, len(shards))))
+            sink.commit()
+        except KeyboardInterrupt:
+            sink.abort()
+            raise MergeCancelled("interrupted; the partial output was removed") from None
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        inputs.close()
+
+    warnings = list(plan.report.warnings)
+    for r in results:
+        warnings.extend(w for w in r.warnings if w not in warnings)
+    for w in warnings[len(plan.report.warnings) :]:
+        log.warning("%s", w)
+    return MergeResult(
+        output=out,
+        report=plan.report,
+        tensors=len(plan.tensors),
+        read_bytes=sum(r.read_bytes for r in results),
+        written_bytes=plan.total_size,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+    )

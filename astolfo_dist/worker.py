@@ -1,0 +1,175 @@
+"""The worker: run one shard. For every chunk of every piece, read the chunk of each input
+the plan names, reduce it on the worker's device, cast to the output dtype, write it.
+
+Memory is the worker's buffers, sized by the chunk, whatever the number of inputs or the
+size of the tensors: inputs are streamed one at a time into one reused read buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .errors import MergeCancelled
+from .formats.dtypes import DTYPES, DType
+from .formats.readers import RangeReader
+from .plan import Plan, PlannedTensor, Source
+from .recipe.methods import weighted_sum
+from .shards import Shard
+
+
+class Sink(Protocol):
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    read_bytes: int = 0
+    written_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WorkerContext:
+    plan: Plan
+    readers: Mapping[str, RangeReader]
+    sink: Sink
+    chunk_elems: int
+    device: torch.device
+    cancel: threading.Event
+    on_progress: Callable[[int], None] | None = None
+
+
+class ChunkBuffers:
+    """One worker's reusable buffers. Host buffers are pinned when reducing on CUDA so that
+    host-to-device copies run asynchronously; two read buffers alternate so the next
+    input is read from disk while the previous one is copied and reduced."""
+
+    def __init__(self, chunk_elems: int, device: torch.device) -> None:
+        self.chunk_elems = chunk_elems
+        self.device = device
+        self.cuda = device.type == "cuda"
+        raw_bytes = chunk_elems * 8  # the widest dtype
+        self.raw = [self._host(raw_bytes) for _ in range(2 if self.cuda else 1)]
+        self.out = self._host(raw_bytes)
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _host(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    def work(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulator and scratch, `n` elements of `dtype`, on the device."""
+        if dtype not in self._work:
+            self._work[dtype] = (
+                torch.empty(self.chunk_elems, dtype=dtype, device=self.device),
+                torch.empty(self.chunk_elems, dtype=dtype, device=self.device),
+            )
+        acc, tmp = self._work[dtype]
+        return acc[:n], tmp[:n]
+
+
+def _view(host: torch.Tensor, dt: DType, n: int) -> torch.Tensor:
+    return host[: n * dt.itemsize].view(dt.torch_dtype)
+
+
+def _memview(host: torch.Tensor, nbytes: int) -> memoryview:
+    return memoryview(host.numpy())[:nbytes]
+
+
+def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardResult:
+    result = ShardResult(shard.index)
+    for piece in shard.pieces:
+        tensor = ctx.plan.tensors[piece.tensor]
+        step = ctx.chunk_elems if tensor.op == "reduce" else ctx.chunk_elems * 4
+        for start in range(piece.start, piece.stop, step):
+            if ctx.cancel.is_set():
+                raise MergeCancelled("merge cancelled")
+            stop = min(piece.stop, start + step)
+            if tensor.op == "reduce":
+                read = _reduce_chunk(ctx, tensor, start, stop, buffers)
+            else:
+                read = _copy_chunk(ctx, tensor, start, stop, buffers, result)
+            written = (stop - start) * DTYPES[tensor.dtype].bits // 8
+            result.read_bytes += read
+            result.written_bytes += written
+            if ctx.on_progress:
+                ctx.on_progress(read)
+    return result
+
+
+def _read_chunks(
+    ctx: WorkerContext, sources: tuple[Source, ...], start: int, n: int, buffers: ChunkBuffers
+) -> Iterator[torch.Tensor]:
+    """Yield each input's chunk as a tensor on the device, in recipe order."""
+    for i, src in enumerate(sources):
+        dt = DTYPES[src.dtype]
+        nbytes = n * dt.itemsize
+        slot = i % len(buffers.raw)
+        host = buffers.raw[slot]
+        if buffers.cuda:
+            event = buffers.events[slot]
+            if event is not None:
+                event.synchronize()  # the copy out of this pinned buffer has finished
+        ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, _memview(host, nbytes))
+        x = _view(host, dt, n)
+        if buffers.cuda:
+            x = x.to(buffers.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            buffers.events[slot] = event
+        yield x
+
+
+def _reduce_chunk(ctx: WorkerContext, tensor: PlannedTensor, start: int, stop: int, buffers: ChunkBuffers) -> int:
+    n = stop - start
+    if n == 0:
+        return 0
+    out_dt = DTYPES[tensor.dtype]
+    acc, tmp = buffers.work(DTYPES[tensor.accumulator].torch_dtype, n)
+    method = weighted_sum(tensor.weights)
+    with torch.cuda.stream(buffers.stream) if buffers.stream is not None else nullcontext():
+        method.reduce(acc, tmp, _read_chunks(ctx, tensor.sources, start, n, buffers))
+        out = _view(buffers.out, out_dt, n)
+        if buffers.cuda:
+            out.copy_(acc.to(out_dt.torch_dtype), non_blocking=True)
+            buffers.stream.synchronize()
+        else:
+            out.copy_(acc)
+    nbytes = n * out_dt.itemsize
+    ctx.sink.write(tensor.begin + start * out_dt.itemsize, _memview(buffers.out, nbytes))
+    return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
+
+
+def _copy_chunk(
+    ctx: WorkerContext, tensor: PlannedTensor, start: int, stop: int, buffers: ChunkBuffers, result: ShardResult
+) -> int:
+    """Copy bytes [start, stop) of the first source; compare the other inputs' bytes to it."""
+    n = stop - start
+    if n == 0:
+        return 0
+    first, others = tensor.sources[0], tensor.sources[1:]
+    data = _memview(buffers.out, n)
+    ctx.readers[first.file].read_into(first.offset + start, data)
+    read = n
+    for src in others:
+        if src.dtype != first.dtype:
+            continue  # the plan already warned about this key
+        other = _memview(buffers.raw[0], n)
+        ctx.readers[src.file].read_into(src.offset + start, other)
+        read += n
+        if other != data:
+            name = ctx.plan.models[src.model].name
+            msg = f"{tensor.name}: {name} differs from {ctx.plan.models[first.model].name}; kept the latter"
+            if msg not in result.warnings:
+                result.warnings.append(msg)
+    ctx.sink.write(tensor.begin + start, data)
+    return read
+
