@@ -42,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--accumulate",
         choices=ACCUMULATE_CHOICES,
         default="auto",
-        help="accumulator: auto = fp32 for 16/8-bit outputs, fp64 for fp32/fp64 outputs",
+        help="accumulator: auto = fp32 for fp16/fp8 outputs, fp64 for bf16/fp32/fp64 outputs",
     )
     m.add_argument("--drop", action="append", default=[], metavar="REGEX", help="drop keys matching (repeatable)")
     m.add_argument(
         "--replace", action="append", default=[], metavar="PREFIX=MODEL", help="copy keys under PREFIX from MODEL"
     )
     m.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="accumulator chunk size in MiB")
+    m.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
     m.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -90,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             drop=args.drop,
             replace=args.replace,
             chunk_mb=args.chunk_mb,
+            shard_mb=args.shard_mb,
             workers=args.workers,
             device=args.device,
             overwrite=args.overwrite,

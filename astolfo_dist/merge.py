@@ -106,6 +106,7 @@ def merge(
     drop: Sequence[str] = (),
     replace: Sequence[str] | Sequence[tuple[str, str]] = (),
     chunk_mb: float = DEFAULT_CHUNK_MB,
+    shard_mb: float | None = None,
     workers: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
@@ -129,6 +130,8 @@ def merge(
     )
     if chunk_mb <= 0:
         raise UsageError("--chunk-mb must be positive")
+    if shard_mb is not None and shard_mb <= 0:
+        raise UsageError("--shard-mb must be positive")
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise UsageError("--workers must be at least 1")
@@ -142,7 +145,7 @@ def merge(
         plan = plan_merge(recipe, inputs)
         for line in plan.report.lines():
             log.info("%s", line)
-        shards = make_shards(plan)
+        shards = make_shards(plan, int(shard_mb * (1 << 20)) if shard_mb else None)
         # Accumulator chunk of `chunk_mb` float32s; the output never depends on it.
         chunk_elems = max(1, int(chunk_mb * (1 << 20)) // 4)
         sink = OutputFile(out, plan.total_size, plan.header, overwrite)

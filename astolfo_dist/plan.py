@@ -15,7 +15,7 @@ from typing import Literal
 
 from . import __version__
 from .errors import InputError, UsageError
-from .formats.dtypes import DTYPES, OUTPUT_DTYPES, WIDE_FLOATS, DType
+from .formats.dtypes import DTYPES, OUTPUT_DTYPES, NEEDS_FP64_ACCUMULATOR, DType
 from .formats.header import Header, TensorInfo, build_header, layout_order
 from .formats.sources import ModelSource
 from .recipe.spec import MergeRecipe
@@ -141,9 +141,7 @@ def _out_dtype(recipe: MergeRecipe, first: DType) -> str:
 
 def _accumulator(recipe: MergeRecipe, out_dtype: str) -> str:
     if recipe.accumulate == "auto":
-        # float32 sums are within an ulp of the exact result for 16-bit outputs; float32 and
-        # float64 outputs need a wider accumulator for the same guarantee.
-        return "F64" if out_dtype in WIDE_FLOATS else "F32"
+        return "F64" if out_dtype in NEEDS_FP64_ACCUMULATOR else "F32"
     return {"fp32": "F32", "fp64": "F64"}[recipe.accumulate]
 
 

@@ -81,9 +81,12 @@ REDUCIBLE = frozenset({"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"})
 # --dtype choices for reduced tensors.
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp64": "F64"}
 
-# Floats with at least float32's precision: reducing into them needs a float64 accumulator
-# to stay within one unit in the last place of the exact result.
-WIDE_FLOATS = frozenset({"F32", "F64"})
+# Outputs that a float32 accumulator cannot serve within one unit in the last place:
+# float32/float64 (no spare precision) and bfloat16 (float32's exponent range, so where
+# inputs cancel, a result near zero has a far finer ulp than float32's absolute error).
+# float16 and the 8-bit floats have a subnormal floor at or above float32's error and
+# take the faster float32 accumulator.
+NEEDS_FP64_ACCUMULATOR = frozenset({"BF16", "F32", "F64"})
 
 
 def dtype(name: str) -> DType:

@@ -17,7 +17,8 @@ from ..errors import InputError
 from .dtypes import DTYPES, DType
 from .readers import RangeReader, read_bytes
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (100 MB, not MiB)
+MAX_U64 = 2**64 - 1  # shape dims and offsets are unsigned 64-bit integers in the format
 METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
@@ -59,6 +60,9 @@ def _reject_duplicates(source: str):
     def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out: dict[str, object] = {}
         for key, value in pairs:
+            for text in (key, value) if isinstance(value, str) else (key,):
+                if not _is_unicode(text):
+                    raise InputError(source, "header holds a string with a lone surrogate escape (not Unicode)")
             if key in out:
                 raise InputError(source, "duplicate key in header", key=key)
             out[key] = value
@@ -67,8 +71,23 @@ def _reject_duplicates(source: str):
     return hook
 
 
+def _is_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (a `\\ud800` escape), which are not Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_int(text: str) -> int | float:
+    """JSON `-0` is a signed zero, not an unsigned integer: keep it a float so it is rejected."""
+    value = int(text)
+    return -0.0 if value == 0 and text.startswith("-") else value
+
+
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value <= MAX_U64
 
 
 def _parse_entry(source: str, name: str, entry: object) -> TensorInfo:
@@ -114,7 +133,7 @@ def parse_header_bytes(source: str, raw: bytes, file_size: int) -> Header:
     except UnicodeDecodeError:
         raise InputError(source, "header is not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates(source))
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates(source), parse_int=_parse_int)
     except InputError:
         raise
     except (ValueError, RecursionError) as exc:
