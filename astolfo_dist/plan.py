@@ -15,7 +15,7 @@ from typing import Literal
 
 from . import __version__
 from .errors import InputError, UsageError
-from .formats.dtypes import DTYPES, OUTPUT_DTYPES, NEEDS_FP64_ACCUMULATOR, DType
+from .formats.dtypes import DTYPES, NEEDS_FP64_ACCUMULATOR, OUTPUT_DTYPES, DType
 from .formats.header import Header, TensorInfo, build_header, layout_order
 from .formats.sources import ModelSource
 from .recipe.spec import MergeRecipe

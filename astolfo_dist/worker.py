@@ -8,8 +8,8 @@ size of the tensors: inputs are streamed one at a time into one reused read buff
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 

@@ -4,7 +4,10 @@ so threads give real parallelism without copying the plan into other processes."
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+import torch
 
 from ..shards import Shard
 from ..worker import ChunkBuffers, ShardResult, WorkerContext, run_shard
@@ -19,6 +22,20 @@ def run_local(ctx: WorkerContext, shards: list[Shard], workers: int) -> list[Sha
             buffers = local.buffers = ChunkBuffers(ctx.chunk_elems, ctx.device)
         return run_shard(ctx, shard, buffers)
 
+    # The workers are the parallelism: torch's own intra-op threads on top of them would
+    # oversubscribe the cores, so they are turned off for the duration of the merge.
+    torch_threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        return _run_pool(ctx, shards, workers, task)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _run_pool(
+    ctx: WorkerContext, shards: list[Shard], workers: int, task: Callable[[Shard], ShardResult]
+) -> list[ShardResult]:
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astolfo-worker") as pool:
         futures: list[Future[ShardResult]] = [pool.submit(task, s) for s in shards]
         try:
