@@ -40,7 +40,7 @@ def reference(paths: list[Path], weights: list[float] | None = None) -> dict[str
     out = {}
     for key, first in sds[0].items():
         if first.is_floating_point():
-            out[key] = sum(wi * sd[key].to(torch.float64) for wi, sd in zip(w.tolist(), sds))
+            out[key] = sum(wi * sd[key].to(torch.float64) for wi, sd in zip(w.tolist(), sds, strict=False))
         else:
             out[key] = first
     return out

@@ -47,7 +47,8 @@ def test_union_averages_over_the_inputs_that_hold_a_key(uneven, tmp_path):
 
 
 def test_drop_regex_removes_keys_everywhere(tmp_path):
-    a = _save(tmp_path / "a.safetensors", {"w": torch.ones(2), "model_ema.w": torch.ones(2), "ema_decay": torch.ones(1)})
+    a = _save(tmp_path / "a.safetensors",
+              {"w": torch.ones(2), "model_ema.w": torch.ones(2), "ema_decay": torch.ones(1)})
     b = _save(tmp_path / "b.safetensors", {"w": torch.zeros(2), "model_ema.w": torch.ones(2)})
     out = tmp_path / "o.safetensors"
     result = merge([a, b], out, drop=[r"^model_ema\.", r"^ema_"])
