@@ -46,6 +46,23 @@ class WorkerContext:
     on_progress: Callable[[int], None] | None = None
 
 
+class HostBuffer:
+    """A reusable host buffer with its byte view and typed views made once: per-chunk
+    Python work is the engine's overhead on the many small tensors of a checkpoint."""
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.bytes = memoryview(self.tensor.numpy())
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def typed(self, dt: DType, n: int) -> torch.Tensor:
+        view = self._typed.get(dt.torch_dtype)
+        if view is None:
+            usable = len(self.bytes) // dt.itemsize * dt.itemsize
+            view = self._typed[dt.torch_dtype] = self.tensor[:usable].view(dt.torch_dtype)
+        return view[:n]
+
+
 class ChunkBuffers:
     """One worker's reusable buffers. Host buffers are pinned when reducing on CUDA so that
     host-to-device copies run asynchronously; two read buffers alternate so the next
@@ -55,15 +72,12 @@ class ChunkBuffers:
         self.chunk_elems = chunk_elems
         self.device = device
         self.cuda = device.type == "cuda"
-        raw_bytes = chunk_elems * 8  # the widest dtype
-        self.raw = [self._host(raw_bytes) for _ in range(2 if self.cuda else 1)]
-        self.out = self._host(raw_bytes)
+        raw_bytes = chunk_elems * 8  # the widest dtype; pages never touched cost nothing
+        self.raw = [HostBuffer(raw_bytes, self.cuda) for _ in range(2 if self.cuda else 1)]
+        self.out = HostBuffer(raw_bytes, self.cuda)
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._work: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _host(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        self._work: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def work(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulator and scratch, `n` elements of `dtype`, on the device."""
@@ -75,13 +89,12 @@ class ChunkBuffers:
         acc, tmp = self._work[dtype]
         return acc[:n], tmp[:n]
 
-
-def _view(host: torch.Tensor, dt: DType, n: int) -> torch.Tensor:
-    return host[: n * dt.itemsize].view(dt.torch_dtype)
-
-
-def _memview(host: torch.Tensor, nbytes: int) -> memoryview:
-    return memoryview(host.numpy())[:nbytes]
+    def device_out(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        """The output chunk on the device (CUDA only), before its copy to pinned memory."""
+        key = (dtype, "out")
+        if key not in self._work:
+            self._work[key] = (torch.empty(self.chunk_elems, dtype=dtype, device=self.device),) * 2
+        return self._work[key][0][:n]
 
 
 def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardResult:
@@ -94,7 +107,7 @@ def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardR
                 raise MergeCancelled("merge cancelled")
             stop = min(piece.stop, start + step)
             if tensor.op == "reduce":
-                read = _reduce_chunk(ctx, tensor, start, stop, buffers)
+                read = _reduce_chunk(ctx, tensor, start, stop, piece.stop, buffers)
             else:
                 read = _copy_chunk(ctx, tensor, start, stop, buffers, result)
             written = (stop - start) * DTYPES[tensor.dtype].bits // 8
@@ -106,9 +119,11 @@ def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardR
 
 
 def _read_chunks(
-    ctx: WorkerContext, sources: tuple[Source, ...], start: int, n: int, buffers: ChunkBuffers
+    ctx: WorkerContext, sources: tuple[Source, ...], start: int, n: int, ahead: int, buffers: ChunkBuffers
 ) -> Iterator[torch.Tensor]:
-    """Yield each input's chunk as a tensor on the device, in recipe order."""
+    """Yield each input's chunk as a tensor on the device, in recipe order, and ask the
+    kernel to read the next `ahead` elements of each input in the background: several
+    workers share one descriptor per file, which defeats the kernel's own readahead."""
     for i, src in enumerate(sources):
         dt = DTYPES[src.dtype]
         nbytes = n * dt.itemsize
@@ -118,8 +133,12 @@ def _read_chunks(
             event = buffers.events[slot]
             if event is not None:
                 event.synchronize()  # the copy out of this pinned buffer has finished
-        ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, _memview(host, nbytes))
-        x = _view(host, dt, n)
+        reader = ctx.readers[src.file]
+        offset = src.offset + start * dt.itemsize
+        reader.read_into(offset, host.bytes[:nbytes])
+        if ahead:
+            reader.prefetch(offset + nbytes, ahead * dt.itemsize)
+        x = host.typed(dt, n)
         if buffers.cuda:
             x = x.to(buffers.device, non_blocking=True)
             event = torch.cuda.Event()
@@ -128,23 +147,28 @@ def _read_chunks(
         yield x
 
 
-def _reduce_chunk(ctx: WorkerContext, tensor: PlannedTensor, start: int, stop: int, buffers: ChunkBuffers) -> int:
+def _reduce_chunk(
+    ctx: WorkerContext, tensor: PlannedTensor, start: int, stop: int, piece_stop: int, buffers: ChunkBuffers
+) -> int:
     n = stop - start
     if n == 0:
         return 0
     out_dt = DTYPES[tensor.dtype]
     acc, tmp = buffers.work(DTYPES[tensor.accumulator].torch_dtype, n)
     method = weighted_sum(tensor.weights)
+    ahead = min(piece_stop - stop, n)
+    host_out = buffers.out.typed(out_dt, n)
     with torch.cuda.stream(buffers.stream) if buffers.stream is not None else nullcontext():
-        method.reduce(acc, tmp, _read_chunks(ctx, tensor.sources, start, n, buffers))
-        out = _view(buffers.out, out_dt, n)
+        chunks = _read_chunks(ctx, tensor.sources, start, n, ahead, buffers)
         if buffers.cuda:
-            out.copy_(acc.to(out_dt.torch_dtype), non_blocking=True)
+            device_out = buffers.device_out(out_dt.torch_dtype, n)
+            method.reduce(acc, tmp, chunks, device_out)
+            host_out.copy_(device_out, non_blocking=True)
             buffers.stream.synchronize()
         else:
-            out.copy_(acc)
+            method.reduce(acc, tmp, chunks, host_out)
     nbytes = n * out_dt.itemsize
-    ctx.sink.write(tensor.begin + start * out_dt.itemsize, _memview(buffers.out, nbytes))
+    ctx.sink.write(tensor.begin + start * out_dt.itemsize, buffers.out.bytes[:nbytes])
     return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
 
 
@@ -156,13 +180,13 @@ def _copy_chunk(
     if n == 0:
         return 0
     first, others = tensor.sources[0], tensor.sources[1:]
-    data = _memview(buffers.out, n)
+    data = buffers.out.bytes[:n]
     ctx.readers[first.file].read_into(first.offset + start, data)
     read = n
     for src in others:
         if src.dtype != first.dtype:
             continue  # the plan already warned about this key
-        other = _memview(buffers.raw[0], n)
+        other = buffers.raw[0].bytes[:n]
         ctx.readers[src.file].read_into(src.offset + start, other)
         read += n
         if other != data:

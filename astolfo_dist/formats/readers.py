@@ -14,6 +14,8 @@ import fsspec
 
 from ..errors import InputError
 
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+
 
 class RangeReader(Protocol):
     """Reads byte ranges of one file. Must be safe to call from several threads at once."""
@@ -22,6 +24,9 @@ class RangeReader(Protocol):
     size: int
 
     def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Hint that this range is read next (may do nothing)."""
 
     def close(self) -> None: ...
 
@@ -44,8 +49,6 @@ class LocalFileReader:
         except OSError as exc:
             raise InputError(path, f"cannot open: {exc.strerror}") from None
         self.size = os.fstat(self._fd).st_size
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
@@ -55,6 +58,10 @@ class LocalFileReader:
             if n == 0:
                 raise InputError(self.name, f"file ended at byte {offset + done} (was it truncated?)")
             done += n
+
+    def prefetch(self, offset: int, length: int) -> None:
+        if _HAS_FADVISE:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -84,6 +91,9 @@ class FsspecReader:
         if len(data) != len(view):
             raise InputError(self.name, f"short read at byte {offset} (was it truncated?)")
         view[:] = data
+
+    def prefetch(self, offset: int, length: int) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -7,6 +7,7 @@ without coordinating.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 from ..errors import OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
+
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+WRITEBACK_MIN = 64 << 10
 
 
 def partial_path(path: Path) -> Path:
@@ -40,7 +44,7 @@ class OutputFile:
         self.overwrite = overwrite
         self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            os.ftruncate(self._fd, total_size)
+            _preallocate(self._fd, total_size)
             self.write(0, memoryview(header))
         except BaseException:
             self.abort()
@@ -51,6 +55,11 @@ class OutputFile:
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)
+        if _HAS_FADVISE and len(view) >= WRITEBACK_MIN:
+            # Start writing these pages to disk now (DONTNEED begins writeback of dirty
+            # pages and drops clean ones): the final fsync then has little left to do,
+            # and the page cache does not fill with output the merge never reads again.
+            os.posix_fadvise(self._fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
     def commit(self) -> Path:
         os.fsync(self._fd)
@@ -83,6 +92,19 @@ class OutputFile:
             os.unlink(self.partial)
         except FileNotFoundError:
             pass
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks up front: a full disk fails before any work, and writes into
+    allocated extents are several times faster than into a sparse file (ext4 measured)."""
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate") and size > 0:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+            # filesystems without fallocate (some network ones): the sparse file will do
 
 
 def _fsync_dir(folder: Path) -> None:

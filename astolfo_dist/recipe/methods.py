@@ -29,7 +29,10 @@ class WeightedSum:
     def uniform(self) -> bool:
         return len(set(self.weights)) == 1
 
-    def reduce(self, acc: torch.Tensor, tmp: torch.Tensor, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    def reduce(
+        self, acc: torch.Tensor, tmp: torch.Tensor, chunks: Iterable[torch.Tensor], out: torch.Tensor
+    ) -> torch.Tensor:
+        """Reduce the chunks into `acc` (the accumulator dtype) and round once into `out`."""
         uniform = self.uniform
         count = 0
         for i, x in enumerate(chunks):
@@ -47,8 +50,10 @@ class WeightedSum:
         if count != len(self.weights):
             raise ValueError(f"expected {len(self.weights)} input chunks, got {count}")
         if uniform and count > 1:
-            acc.div_(count)
-        return acc
+            torch.div(acc, count, out=out)  # divide and round to the output dtype in one pass
+        else:
+            out.copy_(acc)
+        return out
 
 
 def weighted_sum(weights: Sequence[float]) -> WeightedSum:
