@@ -46,6 +46,11 @@ class WorkerContext:
     on_progress: Callable[[int], None] | None = None
 
 
+# Readahead per input and worker: large enough for the disk to stream, small enough that
+# N inputs x workers of it stay a small part of the page cache.
+READAHEAD_BYTES = 16 << 20
+
+
 class HostBuffer:
     """A reusable host buffer with its byte view and typed views made once: per-chunk
     Python work is the engine's overhead on the many small tensors of a checkpoint."""
@@ -77,7 +82,19 @@ class ChunkBuffers:
         self.out = HostBuffer(raw_bytes, self.cuda)
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._prefetched: dict[int, int] = {}  # reader -> end of the last readahead hint
         self._work: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
+        """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""
+        key = id(reader)
+        end = self._prefetched.get(key, -1)
+        in_window = end - length <= offset <= end
+        if in_window and end - offset >= length // 2:
+            return  # at least half a window is already on its way
+        begin = end if in_window else offset
+        reader.prefetch(begin, offset + length - begin)
+        self._prefetched[key] = offset + length
 
     def work(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulator and scratch, `n` elements of `dtype`, on the device."""
@@ -137,7 +154,7 @@ def _read_chunks(
         offset = src.offset + start * dt.itemsize
         reader.read_into(offset, host.bytes[:nbytes])
         if ahead:
-            reader.prefetch(offset + nbytes, ahead * dt.itemsize)
+            buffers.readahead(reader, offset + nbytes, min(ahead * dt.itemsize, READAHEAD_BYTES))
         x = host.typed(dt, n)
         if buffers.cuda:
             x = x.to(buffers.device, non_blocking=True)
