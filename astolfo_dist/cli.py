@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .errors import AstolfoError
-from .merge import DEFAULT_CHUNK_MB, MergeResult
+from .executors.ray import SINKS
+from .merge import DEFAULT_CHUNK_MB, EXECUTORS, MergeResult
 from .recipe.spec import ACCUMULATE_CHOICES, DTYPE_CHOICES, KEY_POLICIES
 
 log = logging.getLogger("astolfo_dist")
@@ -22,6 +24,17 @@ def _weights(text: str) -> list[float]:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
     m.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    m.add_argument("--executor", choices=EXECUTORS, default="local", help="threads in-process, or Ray tasks")
+    m.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://...); default a private local Ray")
+    m.add_argument("--sink", choices=SINKS, default="auto",
+                   help="ray: direct = workers write the output files; writer = an actor on this node does")
+    m.add_argument("--spill-dir", help="ray: object spilling folder (an SSD path) of a private local Ray")
+    m.add_argument("--shard-size", type=_size, help="write a folder of HF shards of at most SIZE (e.g. 5GB, 500MiB)")
+    m.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted run")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.add_argument("--cache-dir", help="where converted .ckpt files are cached")
 
@@ -92,6 +112,12 @@ def _run(args: argparse.Namespace) -> int:
             replace=args.replace,
             chunk_mb=args.chunk_mb,
             shard_mb=args.shard_mb,
+            executor=args.executor,
+            address=args.address,
+            sink=args.sink,
+            spill_dir=args.spill_dir,
+            shard_size=args.shard_size,
+            resume=args.resume,
             workers=args.workers,
             device=args.device,
             overwrite=args.overwrite,

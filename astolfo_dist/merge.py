@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,15 +14,17 @@ import torch
 
 from .errors import MergeCancelled, UsageError
 from .executors.local import run_local
+from .executors.ray import RayOptions
 from .formats.header import Header, read_header
 from .formats.readers import RangeReader, open_reader
 from .formats.sources import ModelSource, resolve_model
-from .formats.writer import OutputFile, check_output
+from .formats.writer import OutputSet, PartialWriter, check_output
+from .journal import Journal, journal_path, load_entries, verify
 from .plan import Plan, PlanReport, build_plan
 from .progress import progress_bar
 from .recipe.spec import MergeRecipe
-from .shards import make_shards
-from .worker import WorkerContext
+from .shards import Shard, make_shards, shard_target
+from .worker import ShardResult, WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class MergeResult:
     written_bytes: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    computed_shards: list[int] = field(default_factory=list)
+    reused_shards: list[int] = field(default_factory=list)  # verified from an earlier run's journal
 
 
 def _parse_replace(replace: Sequence[str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -91,8 +95,11 @@ class Inputs:
         self.readers.clear()
 
 
-def plan_merge(recipe: MergeRecipe, inputs: Inputs) -> Plan:
-    return build_plan(recipe, inputs.models, inputs.donors, inputs.headers)
+def plan_merge(recipe: MergeRecipe, inputs: Inputs, shard_size: int | None = None) -> Plan:
+    return build_plan(recipe, inputs.models, inputs.donors, inputs.headers, shard_size=shard_size)
+
+
+EXECUTORS = ("local", "ray")
 
 
 def merge(
@@ -112,12 +119,21 @@ def merge(
     overwrite: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool | None = False,
+    executor: str = "local",
+    address: str | None = None,
+    sink: str = "auto",
+    spill_dir: str | None = None,
+    shard_size: int | None = None,
+    resume: bool = False,
 ) -> MergeResult:
-    """Merge `models` into one safetensors file at `output`.
+    """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
+    of Hugging Face style shards and their index).
 
-    Weights are normalised to sum to 1 (default: uniform 1/N). Raises InputError for bad
-    inputs, UsageError for bad options, MergeCancelled on Ctrl-C; in every failure the
-    partial output is removed and an existing output is left untouched.
+    Weights are normalised to sum to 1 (default: uniform 1/N). `executor="ray"` runs the
+    shards as Ray tasks (`address`: an existing cluster; default a private local Ray).
+    `resume=True` reuses the shards a killed earlier run of the same plan finished.
+    Raises InputError for bad inputs, UsageError for bad options, MergeCancelled on Ctrl-C;
+    in every failure the partial output is removed and an existing output is untouched.
     """
     recipe = MergeRecipe(
         models=tuple(str(m) for m in models),
@@ -132,33 +148,55 @@ def merge(
         raise UsageError("--chunk-mb must be positive")
     if shard_mb is not None and shard_mb <= 0:
         raise UsageError("--shard-mb must be positive")
+    if shard_size is not None and shard_size <= 0:
+        raise UsageError("--shard-size must be positive")
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if address and executor != "ray":
+        raise UsageError("--address needs --executor ray")
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise UsageError("--workers must be at least 1")
     dev = _device(device)
     out = Path(output)
-    check_output(out, overwrite)
+    check_output(out, overwrite, shard_size is not None)
     started = time.perf_counter()
 
     inputs = Inputs(recipe, Path(cache_dir) if cache_dir else None)
     try:
-        plan = plan_merge(recipe, inputs)
+        plan = plan_merge(recipe, inputs, shard_size)
         for line in plan.report.lines():
             log.info("%s", line)
         shards = make_shards(plan, int(shard_mb * (1 << 20)) if shard_mb else None)
+        target = shard_target_of(plan, shard_mb)
         # Accumulator chunk of `chunk_mb` float32s; the output never depends on it.
         chunk_elems = max(1, int(chunk_mb * (1 << 20)) // 4)
-        sink = OutputFile(out, plan.total_size, plan.header, overwrite)
+        layouts = [(o.name, o.header, o.size) for o in plan.outputs]
+        earlier = load_entries(journal_path(out), plan.digest(), target) if resume else {}
+        outputs = OutputSet(out, layouts, overwrite, resume=bool(earlier))
         try:
-            with progress_bar(plan.read_bytes, progress) as on_progress:
-                ctx = WorkerContext(plan, inputs.readers, sink, chunk_elems, dev, threading.Event(), on_progress)
-                results = run_local(ctx, shards, min(workers, max(1, len(shards))))
-            sink.commit()
+            done: set[int] = set()
+            if outputs.resumed:
+                done = verify(plan, shards, earlier, outputs.paths)
+                log.info("resuming: %d of %d shards verified and reused", len(done), len(shards))
+            journal = Journal(journal_path(out), plan.digest(), target, {i: earlier[i] for i in done})
+            todo = [s for s in shards if s.index not in done]
+            try:
+                with progress_bar(plan.read_bytes, progress) as on_progress:
+                    on_progress(sum(shards[i].read_bytes for i in done))
+                    results = _execute(plan, todo, outputs, journal, inputs.readers, on_progress, chunk_elems, dev,
+                                       workers, executor, RayOptions(address, sink, spill_dir))
+            finally:
+                journal.close()
+            if plan.sharded:
+                outputs.write_index(plan.index_json())
+            outputs.commit()
+            journal.remove()
         except KeyboardInterrupt:
-            sink.abort()
+            _discard(outputs, out)
             raise MergeCancelled("interrupted; the partial output was removed") from None
         except BaseException:
-            sink.abort()
+            _discard(outputs, out)
             raise
     finally:
         inputs.close()
@@ -173,7 +211,55 @@ def merge(
         report=plan.report,
         tensors=len(plan.tensors),
         read_bytes=sum(r.read_bytes for r in results),
-        written_bytes=plan.total_size,
+        written_bytes=plan.written_bytes,
         seconds=time.perf_counter() - started,
         warnings=warnings,
+        computed_shards=sorted(r.shard for r in results),
+        reused_shards=sorted(done),
     )
+
+
+def shard_target_of(plan: Plan, shard_mb: float | None) -> int:
+    return int(shard_mb * (1 << 20)) if shard_mb else shard_target(plan)
+
+
+def _discard(outputs: OutputSet, out: Path) -> None:
+    outputs.abort()
+    try:
+        os.unlink(journal_path(out))
+    except FileNotFoundError:
+        pass
+
+
+def _execute(
+    plan: Plan,
+    shards: list[Shard],
+    outputs: OutputSet,
+    journal: Journal,
+    readers: dict[str, RangeReader],
+    on_progress: Callable[[int], None],
+    chunk_elems: int,
+    device: torch.device,
+    workers: int,
+    executor: str,
+    ray_options: RayOptions,
+) -> list[ShardResult]:
+    def finished(result: ShardResult) -> None:
+        journal.record(result.shard, result.crc32, result.written_bytes)
+
+    if executor == "ray":
+        from .executors.ray import run_ray
+
+        def finished_remote(result: ShardResult) -> None:
+            finished(result)
+            on_progress(result.read_bytes)
+
+        return run_ray(plan, shards, outputs.paths, chunk_elems=chunk_elems, device=str(device), workers=workers,
+                       options=ray_options, on_done=finished_remote)
+    sink = PartialWriter(outputs.paths)
+    try:
+        ctx = WorkerContext(plan, readers, sink, chunk_elems, device, threading.Event(), on_progress)
+        return run_local(ctx, shards, min(workers, max(1, len(shards))), finished)
+    finally:
+        sink.close()
+

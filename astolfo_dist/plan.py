@@ -38,12 +38,13 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str  # output dtype
-    begin: int  # absolute byte range in the output file
+    begin: int  # absolute byte range in its output file
     end: int
     op: Op
     sources: tuple[Source, ...]  # reduce: in recipe order; copy: [0] is copied, the rest compared
     weights: tuple[float, ...] = ()  # reduce: normalised weights, one per source
     accumulator: str = "F32"  # reduce: the accumulation dtype
+    file: int = 0  # index into plan.outputs
 
     @property
     def numel(self) -> int:
@@ -99,17 +100,60 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class OutputLayout:
+    """One output file: its name (relative to the output folder when sharded), header, size."""
+
+    name: str
+    header: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What a worker verifies about an input file before reading it, wherever it runs."""
+
+    file: str
+    size: int
+    header_sha256: str
+
+
+@dataclass(frozen=True)
 class Plan:
     recipe: MergeRecipe
     models: tuple[ModelInfo, ...]  # the recipe's inputs, then the donors of --replace
     tensors: tuple[PlannedTensor, ...]  # in output layout order
-    header: bytes
-    total_size: int
+    outputs: tuple[OutputLayout, ...]  # one file, or Hugging Face style shards
+    inputs: tuple[InputCheck, ...]
     report: PlanReport
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.outputs) > 1 or self.outputs[0].name != SINGLE_OUTPUT
 
     @property
     def read_bytes(self) -> int:
         return int(sum(t.units * t.read_bytes_per_unit() for t in self.tensors))
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(o.size for o in self.outputs)
+
+    def digest(self) -> str:
+        """Identifies the plan's bytes: the output headers hold the recipe, the inputs'
+        header digests and every tensor's place."""
+        h = hashlib.sha256()
+        for out in self.outputs:
+            h.update(out.name.encode() + b"\0" + out.header)
+        return h.hexdigest()
+
+    def index_json(self) -> str:
+        """model.safetensors.index.json for sharded output."""
+        weight_map = {t.name: self.outputs[t.file].name for t in sorted(self.tensors, key=lambda t: t.name)}
+        return json.dumps({"metadata": {"total_size": sum(t.end - t.begin for t in self.tensors)},
+                           "weight_map": weight_map}, indent=2) + "\n"
+
+
+SINGLE_OUTPUT = ""  # OutputLayout.name of a single-file output: the -o path itself
 
 
 @dataclass(frozen=True)
@@ -151,6 +195,7 @@ def build_plan(
     donors: list[ModelSource],
     headers: dict[str, Header],
     extra_metadata: dict[str, str] | None = None,
+    shard_size: int | None = None,
 ) -> Plan:
     """`inputs` follow `recipe.models`; `donors` follow the unique donor names of `recipe.replace`."""
     models = inputs + donors
@@ -257,27 +302,47 @@ def build_plan(
         for m in models
     )
     metadata = _metadata(recipe, model_infos, extra_metadata or {})
-    header, offsets = build_header([(k, out_dtype[k], planned[k][4]) for k in order], metadata)
-    base = len(header)
-    tensors = []
-    for key, (begin, end) in zip(order, offsets, strict=True):
-        op, sources, weights, _first, shape = planned[key]
-        dt = out_dtype[key].name
-        tensors.append(
-            PlannedTensor(
-                key,
-                shape,
-                dt,
-                base + begin,
-                base + end,
-                op,
-                sources,
-                weights,
-                _accumulator(recipe, dt) if op == "reduce" else "",
+    groups = _split_files(order, {k: out_dtype[k].nbytes(_numel(planned[k][4])) or 0 for k in order}, shard_size)
+    outputs: list[OutputLayout] = []
+    tensors: list[PlannedTensor] = []
+    for file_index, keys in enumerate(groups):
+        header, offsets = build_header([(k, out_dtype[k], planned[k][4]) for k in keys], metadata)
+        name = SINGLE_OUTPUT if shard_size is None else f"model-{file_index + 1:05d}-of-{len(groups):05d}.safetensors"
+        outputs.append(OutputLayout(name, header, len(header) + (offsets[-1][1] if offsets else 0)))
+        for key, (begin, end) in zip(keys, offsets, strict=True):
+            op, sources, weights, _first, shape = planned[key]
+            dt = out_dtype[key].name
+            acc = _accumulator(recipe, dt) if op == "reduce" else ""
+            tensors.append(
+                PlannedTensor(key, shape, dt, len(header) + begin, len(header) + end, op, sources, weights, acc,
+                              file_index)
             )
-        )
-    total = base + (offsets[-1][1] if offsets else 0)
-    return Plan(recipe, model_infos, tuple(tensors), header, total, report)
+    files = dict.fromkeys(f for m in models for f in m.files)
+    checks = tuple(InputCheck(f, headers[f].file_size, headers[f].digest) for f in files)
+    return Plan(recipe, model_infos, tuple(tensors), tuple(outputs), checks, report)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _split_files(order: list[str], nbytes: dict[str, int], shard_size: int | None) -> list[list[str]]:
+    """Keys per output file, in layout order: files of at most `shard_size` data bytes (a
+    tensor larger than that gets a file of its own), or one file."""
+    if shard_size is None:
+        return [order]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in order:
+        if groups[-1] and size + nbytes[key] > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes[key]
+    return groups
 
 
 def _header_digest(headers: list[Header]) -> str:

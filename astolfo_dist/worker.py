@@ -8,6 +8,7 @@ size of the tensors: inputs are streamed one at a time into one reused read buff
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .shards import Shard
 
 
 class Sink(Protocol):
-    def write(self, offset: int, data: memoryview) -> None: ...
+    def write(self, file: int, offset: int, data: memoryview) -> None: ...
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ShardResult:
     shard: int
     read_bytes: int = 0
     written_bytes: int = 0
+    crc32: int = 0  # of the shard's output bytes in write order: lets a resume verify them
     warnings: list[str] = field(default_factory=list)
 
 
@@ -124,12 +126,10 @@ def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardR
                 raise MergeCancelled("merge cancelled")
             stop = min(piece.stop, start + step)
             if tensor.op == "reduce":
-                read = _reduce_chunk(ctx, tensor, start, stop, piece.stop, buffers)
+                read = _reduce_chunk(ctx, tensor, start, stop, piece.stop, buffers, result)
             else:
                 read = _copy_chunk(ctx, tensor, start, stop, buffers, result)
-            written = (stop - start) * DTYPES[tensor.dtype].bits // 8
             result.read_bytes += read
-            result.written_bytes += written
             if ctx.on_progress:
                 ctx.on_progress(read)
     return result
@@ -164,8 +164,20 @@ def _read_chunks(
         yield x
 
 
+def _emit(ctx: WorkerContext, tensor: PlannedTensor, offset: int, data: memoryview, result: ShardResult) -> None:
+    ctx.sink.write(tensor.file, tensor.begin + offset, data)
+    result.crc32 = zlib.crc32(data, result.crc32)
+    result.written_bytes += len(data)
+
+
 def _reduce_chunk(
-    ctx: WorkerContext, tensor: PlannedTensor, start: int, stop: int, piece_stop: int, buffers: ChunkBuffers
+    ctx: WorkerContext,
+    tensor: PlannedTensor,
+    start: int,
+    stop: int,
+    piece_stop: int,
+    buffers: ChunkBuffers,
+    result: ShardResult,
 ) -> int:
     n = stop - start
     if n == 0:
@@ -185,7 +197,7 @@ def _reduce_chunk(
         else:
             method.reduce(acc, tmp, chunks, host_out)
     nbytes = n * out_dt.itemsize
-    ctx.sink.write(tensor.begin + start * out_dt.itemsize, buffers.out.bytes[:nbytes])
+    _emit(ctx, tensor, start * out_dt.itemsize, buffers.out.bytes[:nbytes], result)
     return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
 
 
@@ -211,6 +223,6 @@ def _copy_chunk(
             msg = f"{tensor.name}: {name} differs from {ctx.plan.models[first.model].name}; kept the latter"
             if msg not in result.warnings:
                 result.warnings.append(msg)
-    ctx.sink.write(tensor.begin + start, data)
+    _emit(ctx, tensor, start, data, result)
     return read
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 import torch
 
 from ..shards import Shard
 from ..worker import ChunkBuffers, ShardResult, WorkerContext, run_shard
 
+OnShardDone = Callable[[ShardResult], None]
 
-def run_local(ctx: WorkerContext, shards: list[Shard], workers: int) -> list[ShardResult]:
+
+def run_local(ctx: WorkerContext, shards: list[Shard], workers: int, on_done: OnShardDone) -> list[ShardResult]:
+    """Run every shard; `on_done` is called in the calling thread as each one finishes."""
     local = threading.local()
 
     def task(shard: Shard) -> ShardResult:
@@ -28,25 +31,20 @@ def run_local(ctx: WorkerContext, shards: list[Shard], workers: int) -> list[Sha
     if workers > 1:
         torch.set_num_threads(1)
     try:
-        return _run_pool(ctx, shards, workers, task)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astolfo-worker") as pool:
+            futures: list[Future[ShardResult]] = [pool.submit(task, s) for s in shards]
+            try:
+                results = []
+                for future in as_completed(futures):
+                    result = future.result()
+                    on_done(result)
+                    results.append(result)
+                return results
+            except BaseException:
+                # Ctrl-C or a failed shard: stop the others at their next chunk.
+                ctx.cancel.set()
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         torch.set_num_threads(torch_threads)
-
-
-def _run_pool(
-    ctx: WorkerContext, shards: list[Shard], workers: int, task: Callable[[Shard], ShardResult]
-) -> list[ShardResult]:
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astolfo-worker") as pool:
-        futures: list[Future[ShardResult]] = [pool.submit(task, s) for s in shards]
-        try:
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-            if failed is not None:
-                raise failed.exception()  # type: ignore[misc]
-        except BaseException:
-            # Ctrl-C or a failed shard: stop the others at their next chunk.
-            ctx.cancel.set()
-            for f in futures:
-                f.cancel()
-            raise
-    return [f.result() for f in futures]

@@ -7,6 +7,7 @@ object, known dtypes, in-bounds contiguous offsets, str->str metadata) plus a si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -47,6 +48,7 @@ class Header:
     file_size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    digest: str = ""  # sha256 of the header bytes: identifies the file without reading its data
 
     @property
     def data_start(self) -> int:
@@ -148,7 +150,7 @@ def parse_header_bytes(source: str, raw: bytes, file_size: int) -> Header:
     tensors = {name: _parse_entry(source, name, entry) for name, entry in obj.items()}
     data_len = file_size - 8 - len(raw)
     _check_coverage(source, tensors.values(), data_len)
-    return Header(source, len(raw), file_size, tensors, dict(metadata))
+    return Header(source, len(raw), file_size, tensors, dict(metadata), hashlib.sha256(raw).hexdigest())
 
 
 def _check_coverage(source: str, tensors: Iterable[TensorInfo], data_len: int) -> None:

@@ -1,0 +1,274 @@
+"""Ray executor: the same shards as Ray tasks on a private local Ray or an existing cluster.
+
+Tasks receive the plan (put once in the object store), a shard and where to write; never
+tensors. Tasks in flight are bounded. Each task checks the input files it reads (size and
+header digest) on its own node before reading them. Output goes either straight into the
+partial files (`direct`: every node sees the output's folder) or through a writer actor on
+the driver's node (`writer`: chunks travel through the object store, bounded in flight).
+Ray retries the tasks of a dead worker or node; a retried shard writes the same bytes at the
+same offsets, so the output does not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import AstolfoError, InputError, UsageError
+from ..formats.readers import RangeReader, open_reader, read_bytes
+from ..formats.writer import PartialWriter
+from ..plan import Plan
+from ..shards import Shard
+from ..worker import ChunkBuffers, ShardResult, WorkerContext, run_shard
+
+log = logging.getLogger(__name__)
+
+OnShardDone = Callable[[ShardResult], None]
+SINKS = ("auto", "direct", "writer")
+TASK_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a private local Ray and stop it at the end
+    sink: str = "auto"
+    spill_dir: str | None = None
+    object_store_bytes: int = 256 << 20  # of a private local Ray
+    writer_inflight_bytes: int = 64 << 20  # per task, with the writer sink
+
+
+# --- what runs in a task ----------------------------------------------------------------------
+
+
+def _checked_readers(plan: Plan, files: set[str]) -> dict[str, RangeReader]:
+    """Open the shard's inputs on this node and check they are the files the plan was made from."""
+    import platform
+
+    readers: dict[str, RangeReader] = {}
+    try:
+        for check in plan.inputs:
+            if check.file not in files:
+                continue
+            reader = readers[check.file] = open_reader(check.file)
+            if reader.size != check.size:
+                raise InputError(check.file, f"is {reader.size} bytes on node {platform.node()}, "
+                                             f"{check.size} where the merge was planned")
+            n = int.from_bytes(read_bytes(reader, 0, 8), "little")
+            digest = hashlib.sha256(read_bytes(reader, 8, n)).hexdigest() if 0 < n <= reader.size - 8 else ""
+            if digest != check.header_sha256:
+                raise InputError(check.file, f"header differs on node {platform.node()} from the planned file")
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
+    return readers
+
+
+class _ActorSink:
+    """Sends chunks to the writer actor; waits when too many bytes are in flight."""
+
+    def __init__(self, writer: object, limit: int) -> None:
+        self.writer = writer
+        self.limit = limit
+        self.inflight: deque[tuple[object, int]] = deque()
+        self.bytes = 0
+
+    def write(self, file: int, offset: int, data: memoryview) -> None:
+        import ray
+
+        arr = np.frombuffer(data, dtype=np.uint8).copy()  # the buffer is reused for the next chunk
+        self.inflight.append((self.writer.write.remote(file, offset, arr), len(arr)))  # type: ignore[attr-defined]
+        self.bytes += len(arr)
+        while self.bytes > self.limit:
+            ref, n = self.inflight.popleft()
+            ray.get(ref)
+            self.bytes -= n
+
+    def flush(self) -> None:
+        import ray
+
+        ray.get([ref for ref, _n in self.inflight])
+        self.inflight.clear()
+        self.bytes = 0
+
+
+def run_shard_task(
+    plan: Plan, shard: Shard, paths: list[str], writer: object | None, chunk_elems: int, device: str, limit: int
+) -> ShardResult:
+    torch.set_num_threads(1)
+    files = {s.file for p in shard.pieces for s in plan.tensors[p.tensor].sources}
+    readers = _checked_readers(plan, files)
+    sink: PartialWriter | _ActorSink = PartialWriter(paths) if writer is None else _ActorSink(writer, limit)
+    try:
+        dev = torch.device(device)
+        ctx = WorkerContext(plan, readers, sink, chunk_elems, dev, threading.Event())
+        result = run_shard(ctx, shard, ChunkBuffers(chunk_elems, dev))
+        if isinstance(sink, _ActorSink):
+            sink.flush()  # the shard is done only once its bytes are written
+        return result
+    finally:
+        if isinstance(sink, PartialWriter):
+            sink.close()
+        for r in readers.values():
+            r.close()
+
+
+class OutputWriter:
+    """The writer actor, pinned to the driver's node: positioned writes of received chunks."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.writer = PartialWriter(paths)
+
+    def write(self, file: int, offset: int, data: np.ndarray) -> int:
+        self.writer.write(file, offset, memoryview(data))  # zero-copy view of the object store
+        return len(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def sees_output(path: str, size: int, head: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == size and f.read(len(head)) == head
+    except OSError:
+        return False
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def _connect(options: RayOptions, workers: int) -> str:
+    """Join the given cluster or start a private local one: "existing" (this process was
+    already connected: leave it so), "joined" or "started" (disconnect / stop at the end)."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    if options.address:
+        ray.init(address=options.address, log_to_driver=False, configure_logging=False)
+        return "joined"
+    system_config = {}
+    if options.spill_dir:
+        os.makedirs(options.spill_dir, exist_ok=True)
+        system_config["object_spilling_config"] = json.dumps(
+            {"type": "filesystem", "params": {"directory_path": options.spill_dir}}
+        )
+    # address="local": never attach to some other cluster found on this machine.
+    ray.init(
+        address="local",
+        num_cpus=workers,
+        object_store_memory=options.object_store_bytes,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _system_config=system_config or None,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return "started"
+
+
+def choose_sink(options: RayOptions, paths: list[str], plan: Plan, started_local: bool) -> str:
+    if options.sink not in SINKS:
+        raise UsageError(f"--sink must be one of {', '.join(SINKS)}, not {options.sink!r}")
+    if options.sink != "auto":
+        return options.sink
+    if started_local:
+        return "direct"
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(sees_output)
+    head = plan.outputs[0].header[:64]
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            paths[0], plan.outputs[0].size, head
+        )
+        for n in ray.nodes()
+        if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0
+    ]
+    every = all(ray.get(refs))
+    log.info("sink: %s (%s)", "direct" if every else "writer",
+             "every node sees the output folder" if every else "some node does not see the output folder")
+    return "direct" if every else "writer"
+
+
+def run_ray(
+    plan: Plan,
+    shards: list[Shard],
+    paths: list[str],
+    *,
+    chunk_elems: int,
+    device: str,
+    workers: int,
+    options: RayOptions,
+    on_done: OnShardDone,
+) -> list[ShardResult]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started = _connect(options, workers)
+    writer = None
+    pending: dict[object, int] = {}
+    try:
+        sink = choose_sink(options, paths, plan, started == "started")
+        plan_ref = ray.put(plan)
+        if sink == "writer":
+            here = ray.get_runtime_context().get_node_id()
+            writer = (
+                ray.remote(OutputWriter)
+                .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+                .remote(paths)
+            )
+        task = ray.remote(run_shard_task).options(num_cpus=1, max_retries=TASK_RETRIES)
+        total_cpus = int(ray.cluster_resources().get("CPU", workers))
+        max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
+        queue = deque(shards)
+        results: list[ShardResult] = []
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                shard = queue.popleft()
+                ref = task.remote(plan_ref, shard, paths, writer, chunk_elems, device, options.writer_inflight_bytes)
+                pending[ref] = shard.index
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                result = _get(ref)
+                on_done(result)
+                results.append(result)
+        return results
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if writer is not None:
+            try:
+                ray.get(writer.close.remote())
+            except Exception:  # the actor may be gone with its node; nothing left to close
+                pass
+            ray.kill(writer)
+        if started != "existing":
+            ray.shutdown()  # stops a private Ray; only disconnects from a joined cluster
+
+
+def _get(ref: object) -> ShardResult:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, AstolfoError):
+            raise cause from None
+        raise
