@@ -1,0 +1,155 @@
+"""Ray executor on a real multi-node cluster (ray.cluster_utils.Cluster, 3 nodes on this
+machine): the same bytes as the in-process executor for both sinks and sharded output, and
+through the loss of a node. Nothing started here outlives the module; no `ray stop`."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import make_models, sha256
+
+from astolfo_dist import InputError, merge
+from astolfo_dist.journal import journal_path
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+NODE = {"num_cpus": 1, "object_store_memory": 80 << 20, "include_dashboard": False}
+
+
+def _ours(temp_dir: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short private temp dir: Ray's unix sockets live there, and ps can find our processes.
+    temp_dir = tempfile.mkdtemp(prefix="adr-", dir="/tmp")
+    c = Cluster(initialize_head=True, head_node_args={**NODE, "temp_dir": temp_dir}, shutdown_at_exit=True)
+    workers = [c.add_node(**NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    c.temp_dir = temp_dir
+    c.test_workers = workers
+    try:
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+        deadline = time.monotonic() + 30
+        while _ours(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _ours(temp_dir)
+        assert not left, f"Ray processes left running: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return [str(p) for p in make_models(tmp_path_factory.mktemp("ray-in"), ["F16", "BF16", "F16"], scale=16)]
+
+
+@pytest.fixture(scope="module")
+def local_reference(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray-ref") / "local.safetensors"
+    merge(inputs, out, shard_mb=0.25)
+    return out
+
+
+def _alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+@pytest.mark.parametrize("sink", ["direct", "writer", "auto"])
+def test_cluster_merge_equals_local(cluster, inputs, local_reference, tmp_path, sink):
+    out = tmp_path / f"{sink}.safetensors"
+    merge(inputs, out, executor="ray", address=cluster.address, sink=sink, shard_mb=0.25)
+    assert sha256(out) == sha256(local_reference)
+    assert not ray.is_initialized()  # the driver disconnected; the cluster is still up
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        assert _alive_nodes() == 3
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("sink", ["direct", "writer"])
+def test_cluster_sharded_output_equals_local(cluster, inputs, tmp_path, sink):
+    local = tmp_path / "local"
+    remote = tmp_path / "remote"
+    merge(inputs, local, shard_size=400_000)
+    merge(inputs, remote, executor="ray", address=cluster.address, sink=sink, shard_size=400_000, shard_mb=0.25)
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in remote.iterdir()) and len(names) > 2
+    for name in names:
+        assert sha256(local / name) == sha256(remote / name), name
+
+
+def test_losing_a_node_mid_merge_keeps_the_bytes(cluster, tmp_path_factory, tmp_path):
+    inputs = [str(p) for p in make_models(tmp_path_factory.mktemp("ray-loss"), ["F32"] * 3, scale=8)]
+    reference = tmp_path / "reference.safetensors"
+    merge(inputs, reference, shard_mb=0.5)
+    out = tmp_path / "out.safetensors"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merge(inputs, out, executor="ray", address=cluster.address, sink="writer", shard_mb=0.5, chunk_mb=0.02)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    journal = journal_path(out)
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    assert thread.is_alive(), "the merge ended before a node could be removed"
+    victim = cluster.test_workers.pop()
+    cluster.remove_node(victim, allow_graceful=False)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and not errors, errors
+    assert sha256(out) == sha256(reference)
+    cluster.test_workers.append(cluster.add_node(**NODE))  # back to three nodes for later tests
+    cluster.wait_for_nodes()
+
+
+def test_input_changed_on_a_node_is_refused(cluster, inputs, tmp_path):
+    """Every task checks its inputs against the plan (size and header digest)."""
+    import shutil
+
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(inputs[0], copy)
+    from astolfo_dist.executors.ray import _checked_readers
+    from astolfo_dist.merge import Inputs, plan_merge
+    from astolfo_dist.recipe import MergeRecipe
+
+    recipe = MergeRecipe(models=(str(copy), inputs[1]))
+    loaded = Inputs(recipe, None)
+    try:
+        plan = plan_merge(recipe, loaded)
+    finally:
+        loaded.close()
+    raw = copy.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    # Same size, another header: what a different file at the same path on a node looks like.
+    renamed = raw[8 : 8 + n].replace(b'"cond_stage_model.', b'"COND_stage_model.', 1)
+    assert len(renamed) == n and renamed != raw[8 : 8 + n]
+    copy.write_bytes(raw[:8] + renamed + raw[8 + n :])
+    with pytest.raises(InputError, match="header differs"):
+        _checked_readers(plan, {str(copy)})
+    copy.write_bytes(raw[:-2])
+    with pytest.raises(InputError, match="bytes on node"):
+        _checked_readers(plan, {str(copy)})
