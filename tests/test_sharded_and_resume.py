@@ -148,3 +148,46 @@ def test_resume_recomputes_a_journaled_shard_whose_bytes_were_damaged(slow_input
     result = merge(small, out, shard_mb=8, resume=True)
     assert result.computed_shards == [victim.index]
     assert sha256(out) == sha256(reference)
+
+
+def test_resume_after_killed_ray_driver(slow_inputs, tmp_path):
+    """The journal is the executor's: a killed driver of a private local Ray resumes too. Ray's
+    per-node agents outlive a SIGKILLed driver; the next private start reaps them."""
+    import psutil
+
+    reference = tmp_path / "reference.safetensors"
+    merge(slow_inputs, reference, dtype="fp16")
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen(
+        [*CLI, "merge", *slow_inputs, "-o", str(out), "--executor", "ray", "--workers", "1", "--chunk-mb", "0.05",
+         "--shard-mb", "4", "--dtype", "fp16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while len(_journaled(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the merge ended before it could be killed"
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    assert ray_processes
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    journaled = set(_journaled(out))
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE  # a zombie has exited; only its parent's reaping is left
+        except psutil.NoSuchProcess:
+            return False
+
+    from astolfo_dist.executors.ray import reap_stale_private_rays
+
+    time.sleep(1)  # give fate-sharing processes (raylet, gcs) their moment
+    reap_stale_private_rays()
+    alive = [p for p in ray_processes if running(p)]
+    for p in alive:  # never leave any behind, whatever the assertion says
+        p.kill()
+    assert not alive, f"Ray processes outlived their driver and the reaper: {[p.pid for p in alive]}"
+
+    result = merge(slow_inputs, out, chunk_mb=1, shard_mb=4, dtype="fp16", resume=True)
+    assert set(result.reused_shards) == journaled and journaled
+    assert not set(result.computed_shards) & journaled
+    assert sha256(out) == sha256(reference)

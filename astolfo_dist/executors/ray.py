@@ -11,16 +11,20 @@ same offsets, so the output does not change.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 
 from ..errors import AstolfoError, InputError, UsageError
@@ -146,6 +150,81 @@ def sees_output(path: str, size: int, head: bytes) -> bool:
 
 # --- the driver ---------------------------------------------------------------------------------
 
+# A private local Ray lives in its own temp folder, tagged with its driver's pid and start
+# time. Ray's per-node agents do not die with a SIGKILLed driver; the next private start
+# (or `reap_stale_private_rays()`) ends the processes of folders whose driver is gone.
+PRIVATE_PREFIX = "astolfo-ray-"
+PRIVATE_ENV = "ASTOLFO_PRIVATE_RAY"
+_DRIVER_FILE = "astolfo-driver"
+
+
+def _private_root() -> str:
+    return tempfile.gettempdir()
+
+
+def _private_temp_dir() -> str:
+    # Short: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
+    folder = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=_private_root())
+    me = psutil.Process()
+    with open(os.path.join(folder, _DRIVER_FILE), "w") as f:
+        f.write(f"{me.pid} {me.create_time()}")
+    return folder
+
+
+def _remove_private_temp_dir() -> None:
+    me = psutil.Process()
+    for folder in glob.glob(os.path.join(_private_root(), PRIVATE_PREFIX + "*")):
+        if _driver_of(folder) == (me.pid, me.create_time()):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _driver_of(folder: str) -> tuple[int, float] | None:
+    try:
+        pid, created = open(os.path.join(folder, _DRIVER_FILE)).read().split()
+        return int(pid), float(created)
+    except (OSError, ValueError):
+        return None
+
+
+def _belongs_to(proc: psutil.Process, folder: str) -> bool:
+    """Workers carry the environment marker; Ray's agents start with a clean environment
+    but keep their log files in the folder open."""
+    try:
+        if proc.environ().get(PRIVATE_ENV) == folder:
+            return True
+        return any(f.path.startswith(folder + os.sep) for f in proc.open_files())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def reap_stale_private_rays() -> list[int]:
+    """Stop what is left of private Rays whose driver died; returns the pids ended."""
+    ended: list[int] = []
+    for folder in glob.glob(os.path.join(_private_root(), PRIVATE_PREFIX + "*")):
+        driver = _driver_of(folder)
+        if driver is None:
+            continue
+        try:
+            if psutil.Process(driver[0]).create_time() == driver[1]:
+                continue  # its driver is alive
+        except psutil.NoSuchProcess:
+            pass
+        leftovers = []
+        for proc in psutil.process_iter():
+            if _belongs_to(proc, folder):
+                leftovers.append(proc)
+        for proc in leftovers:
+            try:
+                proc.kill()
+                ended.append(proc.pid)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("ended %d processes of a private Ray whose driver died (%s)", len(leftovers), folder)
+    return ended
+
+
 
 def _connect(options: RayOptions, workers: int) -> str:
     """Join the given cluster or start a private local one: "existing" (this process was
@@ -163,9 +242,29 @@ def _connect(options: RayOptions, workers: int) -> str:
         system_config["object_spilling_config"] = json.dumps(
             {"type": "filesystem", "params": {"directory_path": options.spill_dir}}
         )
+    reap_stale_private_rays()
+    temp_dir = _private_temp_dir()
+    # Every process of the private Ray inherits this marker, which the reaper looks for:
+    # workers and agents rename themselves, so their command lines cannot be trusted.
+    previous = os.environ.get(PRIVATE_ENV)
+    os.environ[PRIVATE_ENV] = temp_dir
+    try:
+        _init_private(options, workers, temp_dir, system_config)
+    finally:
+        if previous is None:
+            os.environ.pop(PRIVATE_ENV, None)
+        else:
+            os.environ[PRIVATE_ENV] = previous
+    return "started"
+
+
+def _init_private(options: RayOptions, workers: int, temp_dir: str, system_config: dict) -> None:
+    import ray
+
     # address="local": never attach to some other cluster found on this machine.
     ray.init(
         address="local",
+        _temp_dir=temp_dir,
         num_cpus=workers,
         object_store_memory=options.object_store_bytes,
         include_dashboard=False,
@@ -174,7 +273,6 @@ def _connect(options: RayOptions, workers: int) -> str:
         log_to_driver=False,
         configure_logging=False,
     )
-    return "started"
 
 
 def choose_sink(options: RayOptions, paths: list[str], plan: Plan, started_local: bool) -> str:
@@ -259,6 +357,8 @@ def run_ray(
             ray.kill(writer)
         if started != "existing":
             ray.shutdown()  # stops a private Ray; only disconnects from a joined cluster
+        if started == "started":
+            _remove_private_temp_dir()
 
 
 def _get(ref: object) -> ShardResult:
