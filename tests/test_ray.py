@@ -153,3 +153,50 @@ def test_input_changed_on_a_node_is_refused(cluster, inputs, tmp_path):
     copy.write_bytes(raw[:-2])
     with pytest.raises(InputError, match="bytes on node"):
         _checked_readers(plan, {str(copy)})
+
+
+def test_assign_nodes_places_shards_on_holders_balanced_by_bytes():
+    from astolfo_dist.executors.ray import assign_nodes
+
+    nodes = ["a", "b", "c"]
+    holders = {"x": {"a", "b"}, "y": {"b", "c"}, "z": {"a", "b", "c"}}
+    needs = {0: {"x"}, 1: {"y"}, 2: {"x", "y"}, 3: {"z"}, 4: {"z"}, 5: {"x"}}
+    cost = {i: 10 for i in needs}
+    placed = assign_nodes(needs, cost, holders, nodes)
+    assert all(placed[i] in set.intersection(*(holders[f] for f in needs[i])) for i in needs)
+    assert placed[2] == "b"  # the only node holding both
+    assert len(set(placed.values())) == 3  # spread by load
+    everywhere = {f: set(nodes) for f in holders}
+    assert set(assign_nodes(needs, cost, everywhere, nodes).values()) == {None}
+    with pytest.raises(InputError, match="no alive node holds every input of shard 0"):
+        assign_nodes({0: {"x", "w"}}, {0: 1}, {**holders, "w": {"c"}}, nodes)
+
+
+def test_probe_finds_where_inputs_are(cluster, inputs, tmp_path):
+    import shutil
+
+    from astolfo_dist.executors.ray import assign_nodes, probe_holders, shard_files
+    from astolfo_dist.merge import Inputs, plan_merge
+    from astolfo_dist.recipe import MergeRecipe
+    from astolfo_dist.shards import make_shards
+
+    gone = tmp_path / "gone.safetensors"
+    shutil.copyfile(inputs[0], gone)
+    recipe = MergeRecipe(models=(str(gone), inputs[1]))
+    loaded = Inputs(recipe, None)
+    try:
+        plan = plan_merge(recipe, loaded)
+    finally:
+        loaded.close()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        nodes, holders = probe_holders(plan)
+        assert len(nodes) == 3 and all(h == set(nodes) for h in holders.values())
+        gone.unlink()  # now no node holds it
+        nodes, holders = probe_holders(plan)
+        assert holders[str(gone)] == set() and holders[inputs[1]] == set(nodes)
+        shards = make_shards(plan)
+        with pytest.raises(InputError, match="gone.safetensors.*no alive node holds"):
+            assign_nodes({s.index: shard_files(plan, s) for s in shards}, {s.index: 1 for s in shards}, holders, nodes)
+    finally:
+        ray.shutdown()

@@ -30,7 +30,7 @@ import torch
 from ..errors import AstolfoError, InputError, UsageError
 from ..formats.readers import RangeReader, open_reader, read_bytes
 from ..formats.writer import PartialWriter
-from ..plan import Plan
+from ..plan import InputCheck, Plan
 from ..shards import Shard
 from ..worker import ChunkBuffers, ShardResult, WorkerContext, run_shard
 
@@ -53,23 +53,46 @@ class RayOptions:
 # --- what runs in a task ----------------------------------------------------------------------
 
 
-def _checked_readers(plan: Plan, files: set[str]) -> dict[str, RangeReader]:
-    """Open the shard's inputs on this node and check they are the files the plan was made from."""
+def _mismatch(check: InputCheck, reader: RangeReader) -> str | None:
+    """Why the file `reader` opened is not the one the plan was made from (None: it is)."""
     import platform
 
+    if reader.size != check.size:
+        return f"is {reader.size} bytes on node {platform.node()}, {check.size} where the merge was planned"
+    n = int.from_bytes(read_bytes(reader, 0, 8), "little")
+    digest = hashlib.sha256(read_bytes(reader, 8, n)).hexdigest() if 0 < n <= reader.size - 8 else ""
+    if digest != check.header_sha256:
+        return f"header differs on node {platform.node()} from the planned file"
+    return None
+
+
+def held_inputs(checks: tuple[InputCheck, ...]) -> list[int]:
+    """Which of the plan's input files this node holds (right size and header)."""
+    held = []
+    for i, check in enumerate(checks):
+        try:
+            reader = open_reader(check.file)
+        except AstolfoError:
+            continue
+        try:
+            if _mismatch(check, reader) is None:
+                held.append(i)
+        finally:
+            reader.close()
+    return held
+
+
+def _checked_readers(plan: Plan, files: set[str]) -> dict[str, RangeReader]:
+    """Open the shard's inputs on this node and check they are the files the plan was made from."""
     readers: dict[str, RangeReader] = {}
     try:
         for check in plan.inputs:
             if check.file not in files:
                 continue
             reader = readers[check.file] = open_reader(check.file)
-            if reader.size != check.size:
-                raise InputError(check.file, f"is {reader.size} bytes on node {platform.node()}, "
-                                             f"{check.size} where the merge was planned")
-            n = int.from_bytes(read_bytes(reader, 0, 8), "little")
-            digest = hashlib.sha256(read_bytes(reader, 8, n)).hexdigest() if 0 < n <= reader.size - 8 else ""
-            if digest != check.header_sha256:
-                raise InputError(check.file, f"header differs on node {platform.node()} from the planned file")
+            problem = _mismatch(check, reader)
+            if problem:
+                raise InputError(check.file, problem)
     except BaseException:
         for r in readers.values():
             r.close()
@@ -300,6 +323,52 @@ def choose_sink(options: RayOptions, paths: list[str], plan: Plan, started_local
     return "direct" if every else "writer"
 
 
+def shard_files(plan: Plan, shard: Shard) -> set[str]:
+    return {s.file for p in shard.pieces for s in plan.tensors[p.tensor].sources}
+
+
+def probe_holders(plan: Plan) -> tuple[list[str], dict[str, set[str]]]:
+    """Alive worker nodes, and for each input file the nodes that hold it (checked there)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0)
+    probe = ray.remote(num_cpus=0)(held_inputs)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(plan.inputs)
+            for n in nodes]
+    holders: dict[str, set[str]] = {c.file: set() for c in plan.inputs}
+    for node, held in zip(nodes, ray.get(refs), strict=True):
+        for i in held:
+            holders[plan.inputs[i].file].add(node)
+    return nodes, holders
+
+
+def assign_nodes(
+    needs: dict[int, set[str]], cost: dict[int, int], holders: dict[str, set[str]], nodes: list[str]
+) -> dict[int, str | None]:
+    """Node per shard, where inputs are node-local copies: a node holding every file the
+    shard reads, the least loaded (by bytes) first. None everywhere when every node holds
+    every input: then Ray places tasks freely."""
+    everywhere = set(nodes)
+    if all(holders.get(f, set()) >= everywhere for files in needs.values() for f in files):
+        return dict.fromkeys(needs)
+    load = dict.fromkeys(nodes, 0)
+    out: dict[int, str | None] = {}
+    for index in sorted(needs):
+        candidates = set(everywhere)
+        for f in needs[index]:
+            candidates &= holders.get(f, set())
+        if not candidates:
+            scarce = min(needs[index], key=lambda f: len(holders.get(f, set()) & everywhere))
+            where = len(holders.get(scarce, set()) & everywhere)
+            raise InputError(scarce, f"no alive node holds every input of shard {index} "
+                                     f"(this file is on {where} of {len(nodes)} nodes)")
+        node = min(candidates, key=lambda n: (load[n], n))
+        load[node] += cost[index]
+        out[index] = node
+    return out
+
+
 def run_ray(
     plan: Plan,
     shards: list[Shard],
@@ -327,20 +396,47 @@ def run_ray(
                 .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
                 .remote(paths)
             )
-        task = ray.remote(run_shard_task).options(num_cpus=1, max_retries=TASK_RETRIES)
+        task = ray.remote(run_shard_task)
+        needs = {s.index: shard_files(plan, s) for s in shards}
+        cost = {s.index: s.read_bytes for s in shards}
+        placement: dict[int, str | None] = dict.fromkeys(needs)
+        if started != "started":  # a private Ray is one node: nothing to place
+            nodes, holders = probe_holders(plan)
+            placement = assign_nodes(needs, cost, holders, nodes)
+        by_index = {s.index: s for s in shards}
+        attempts = dict.fromkeys(by_index, 0)
+
+        def submit(shard: Shard) -> None:
+            node = placement[shard.index]
+            opts: dict[str, object] = {"num_cpus": 1, "max_retries": TASK_RETRIES}
+            if node is not None:
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+            ref = task.options(**opts).remote(plan_ref, shard, paths, writer, chunk_elems, device,
+                                              options.writer_inflight_bytes)
+            pending[ref] = shard.index
+
         total_cpus = int(ray.cluster_resources().get("CPU", workers))
         max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
         queue = deque(shards)
         results: list[ShardResult] = []
         while queue or pending:
             while queue and len(pending) < max_in_flight:
-                shard = queue.popleft()
-                ref = task.remote(plan_ref, shard, paths, writer, chunk_elems, device, options.writer_inflight_bytes)
-                pending[ref] = shard.index
+                submit(queue.popleft())
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                pending.pop(ref)
-                result = _get(ref)
+                index = pending.pop(ref)
+                try:
+                    result = _get(ref)
+                except ray.exceptions.RayError:
+                    # A placed shard whose node died: Ray cannot move a task pinned to a
+                    # dead node, so place it again on a live holder of its inputs.
+                    if placement[index] is None or attempts[index] >= TASK_RETRIES:
+                        raise
+                    attempts[index] += 1
+                    nodes, holders = probe_holders(plan)
+                    placement.update(assign_nodes({index: needs[index]}, cost, holders, nodes))
+                    submit(by_index[index])
+                    continue
                 on_done(result)
                 results.append(result)
         return results
