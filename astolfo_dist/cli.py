@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .budget import parse_size
 from .errors import AstolfoError
 from .executors.ray import SINKS
 from .merge import DEFAULT_CHUNK_MB, EXECUTORS, MergeResult
@@ -26,15 +26,11 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def _size(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MiB, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--replace", action="append", default=[], metavar="PREFIX=MODEL", help="copy keys under PREFIX from MODEL"
     )
-    m.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="accumulator chunk size in MiB")
+    m.add_argument("--memory", type=_size, default=None,
+                   help="memory budget of the whole merge, e.g. 400MB, 4GiB (default: half of what is available)")
+    m.add_argument("--chunk-mb", type=float, default=None,
+                   help=f"accumulator chunk size in MiB (default {DEFAULT_CHUNK_MB:g}, less if --memory is tight)")
     m.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
     m.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -118,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
             spill_dir=args.spill_dir,
             shard_size=args.shard_size,
             resume=args.resume,
+            memory=args.memory,
             workers=args.workers,
             device=args.device,
             overwrite=args.overwrite,

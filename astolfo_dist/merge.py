@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import MemoryPlan, fit, parse_size
 from .errors import MergeCancelled, UsageError
 from .executors.local import run_local
 from .executors.ray import RayOptions
@@ -112,7 +113,7 @@ def merge(
     accumulate: str = "auto",
     drop: Sequence[str] = (),
     replace: Sequence[str] | Sequence[tuple[str, str]] = (),
-    chunk_mb: float = DEFAULT_CHUNK_MB,
+    chunk_mb: float | None = None,
     shard_mb: float | None = None,
     workers: int | None = None,
     device: str = "cpu",
@@ -125,6 +126,7 @@ def merge(
     spill_dir: str | None = None,
     shard_size: int | None = None,
     resume: bool = False,
+    memory: int | str | None = None,
 ) -> MergeResult:
     """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
     of Hugging Face style shards and their index).
@@ -144,8 +146,12 @@ def merge(
         drop=tuple(drop),
         replace=_parse_replace(replace),
     )
-    if chunk_mb <= 0:
+    if chunk_mb is not None and chunk_mb <= 0:
         raise UsageError("--chunk-mb must be positive")
+    try:
+        budget = parse_size(memory) if isinstance(memory, str) else memory
+    except ValueError as exc:
+        raise UsageError(f"--memory: {exc}") from None
     if shard_mb is not None and shard_mb <= 0:
         raise UsageError("--shard-mb must be positive")
     if shard_size is not None and shard_size <= 0:
@@ -169,8 +175,17 @@ def merge(
             log.info("%s", line)
         shards = make_shards(plan, int(shard_mb * (1 << 20)) if shard_mb else None)
         target = shard_target_of(plan, shard_mb)
-        # Accumulator chunk of `chunk_mb` float32s; the output never depends on it.
-        chunk_elems = max(1, int(chunk_mb * (1 << 20)) // 4)
+        # The accumulator chunk counts `chunk_mb` of float32s; the output never depends on it.
+        mem = fit(
+            plan,
+            budget,
+            workers=workers,
+            chunk_elems=max(1, int(chunk_mb * (1 << 20)) // 4) if chunk_mb else None,
+            default_chunk_elems=int(DEFAULT_CHUNK_MB * (1 << 20)) // 4,
+            private_ray=executor == "ray" and not address,
+            cuda=dev.type == "cuda",
+        )
+        log.info("%s", mem.describe())
         layouts = [(o.name, o.header, o.size) for o in plan.outputs]
         earlier = load_entries(journal_path(out), plan.digest(), target) if resume else {}
         outputs = OutputSet(out, layouts, overwrite, resume=bool(earlier))
@@ -184,8 +199,10 @@ def merge(
             try:
                 with progress_bar(plan.read_bytes, progress) as on_progress:
                     on_progress(sum(shards[i].read_bytes for i in done))
-                    results = _execute(plan, todo, outputs, journal, inputs.readers, on_progress, chunk_elems, dev,
-                                       workers, executor, RayOptions(address, sink, spill_dir))
+                    store = mem.object_store or RayOptions.object_store_bytes
+                    ray_options = RayOptions(address, sink, spill_dir, store)
+                    results = _execute(plan, todo, outputs, journal, inputs.readers, on_progress, mem, dev, executor,
+                                       ray_options)
             finally:
                 journal.close()
             if plan.sharded:
@@ -238,9 +255,8 @@ def _execute(
     journal: Journal,
     readers: dict[str, RangeReader],
     on_progress: Callable[[int], None],
-    chunk_elems: int,
+    mem: MemoryPlan,
     device: torch.device,
-    workers: int,
     executor: str,
     ray_options: RayOptions,
 ) -> list[ShardResult]:
@@ -248,18 +264,18 @@ def _execute(
         journal.record(result.shard, result.crc32, result.written_bytes)
 
     if executor == "ray":
-        from .executors.ray import run_ray
+        from .executors.ray import TaskSpec, run_ray
 
         def finished_remote(result: ShardResult) -> None:
             finished(result)
             on_progress(result.read_bytes)
 
-        return run_ray(plan, shards, outputs.paths, chunk_elems=chunk_elems, device=str(device), workers=workers,
-                       options=ray_options, on_done=finished_remote)
+        spec = TaskSpec(tuple(outputs.paths), None, mem.chunk_elems, str(device), mem.readahead, mem.writer_inflight)
+        return run_ray(plan, shards, spec, workers=mem.workers, options=ray_options, on_done=finished_remote)
     sink = PartialWriter(outputs.paths)
     try:
-        ctx = WorkerContext(plan, readers, sink, chunk_elems, device, threading.Event(), on_progress)
-        return run_local(ctx, shards, min(workers, max(1, len(shards))), finished)
+        ctx = WorkerContext(plan, readers, sink, mem.chunk_elems, device, threading.Event(), on_progress, mem.readahead)
+        return run_local(ctx, shards, min(mem.workers, max(1, len(shards))), finished)
     finally:
         sink.close()
 

@@ -46,11 +46,7 @@ class WorkerContext:
     device: torch.device
     cancel: threading.Event
     on_progress: Callable[[int], None] | None = None
-
-
-# Readahead per input and worker: large enough for the disk to stream, small enough that
-# N inputs x workers of it stay a small part of the page cache.
-READAHEAD_BYTES = 16 << 20
+    readahead: int = 16 << 20  # bytes hinted ahead per input, from the memory budget
 
 
 class HostBuffer:
@@ -154,7 +150,7 @@ def _read_chunks(
         offset = src.offset + start * dt.itemsize
         reader.read_into(offset, host.bytes[:nbytes])
         if ahead:
-            buffers.readahead(reader, offset + nbytes, min(ahead * dt.itemsize, READAHEAD_BYTES))
+            buffers.readahead(reader, offset + nbytes, min(ahead * dt.itemsize, ctx.readahead))
         x = host.typed(dt, n)
         if buffers.cuda:
             x = x.to(buffers.device, non_blocking=True)

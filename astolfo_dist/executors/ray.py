@@ -47,7 +47,6 @@ class RayOptions:
     sink: str = "auto"
     spill_dir: str | None = None
     object_store_bytes: int = 256 << 20  # of a private local Ray
-    writer_inflight_bytes: int = 64 << 20  # per task, with the writer sink
 
 
 # --- what runs in a task ----------------------------------------------------------------------
@@ -128,17 +127,28 @@ class _ActorSink:
         self.bytes = 0
 
 
-def run_shard_task(
-    plan: Plan, shard: Shard, paths: list[str], writer: object | None, chunk_elems: int, device: str, limit: int
-) -> ShardResult:
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a shard task needs besides the plan and the shard: paths and sizes, no data."""
+
+    paths: tuple[str, ...]  # the partial output files (direct sink)
+    writer: object | None  # the writer actor (writer sink)
+    chunk_elems: int
+    device: str
+    readahead: int
+    writer_inflight: int
+
+
+def run_shard_task(plan: Plan, shard: Shard, spec: TaskSpec) -> ShardResult:
     torch.set_num_threads(1)
-    files = {s.file for p in shard.pieces for s in plan.tensors[p.tensor].sources}
-    readers = _checked_readers(plan, files)
-    sink: PartialWriter | _ActorSink = PartialWriter(paths) if writer is None else _ActorSink(writer, limit)
+    readers = _checked_readers(plan, shard_files(plan, shard))
+    sink: PartialWriter | _ActorSink = (
+        PartialWriter(spec.paths) if spec.writer is None else _ActorSink(spec.writer, spec.writer_inflight)
+    )
     try:
-        dev = torch.device(device)
-        ctx = WorkerContext(plan, readers, sink, chunk_elems, dev, threading.Event())
-        result = run_shard(ctx, shard, ChunkBuffers(chunk_elems, dev))
+        dev = torch.device(spec.device)
+        ctx = WorkerContext(plan, readers, sink, spec.chunk_elems, dev, threading.Event(), readahead=spec.readahead)
+        result = run_shard(ctx, shard, ChunkBuffers(spec.chunk_elems, dev))
         if isinstance(sink, _ActorSink):
             sink.flush()  # the shard is done only once its bytes are written
         return result
@@ -372,10 +382,8 @@ def assign_nodes(
 def run_ray(
     plan: Plan,
     shards: list[Shard],
-    paths: list[str],
+    spec: TaskSpec,
     *,
-    chunk_elems: int,
-    device: str,
     workers: int,
     options: RayOptions,
     on_done: OnShardDone,
@@ -387,6 +395,7 @@ def run_ray(
     writer = None
     pending: dict[object, int] = {}
     try:
+        paths = list(spec.paths)
         sink = choose_sink(options, paths, plan, started == "started")
         plan_ref = ray.put(plan)
         if sink == "writer":
@@ -396,6 +405,7 @@ def run_ray(
                 .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
                 .remote(paths)
             )
+        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, spec.writer_inflight)
         task = ray.remote(run_shard_task)
         needs = {s.index: shard_files(plan, s) for s in shards}
         cost = {s.index: s.read_bytes for s in shards}
@@ -411,8 +421,7 @@ def run_ray(
             opts: dict[str, object] = {"num_cpus": 1, "max_retries": TASK_RETRIES}
             if node is not None:
                 opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-            ref = task.options(**opts).remote(plan_ref, shard, paths, writer, chunk_elems, device,
-                                              options.writer_inflight_bytes)
+            ref = task.options(**opts).remote(plan_ref, shard, spec)
             pending[ref] = shard.index
 
         total_cpus = int(ray.cluster_resources().get("CPU", workers))

@@ -1,0 +1,165 @@
+"""The memory budget: from `--memory`, the plan and this process's own footprint, derive
+the chunk size, the worker count and the readahead, or refuse before any work, saying how
+much the merge needs.
+
+What a merge holds (see DESIGN's memory model): this process (interpreter, torch, the plan)
++ workers x (read buffer + accumulator + scratch + output chunk) + readahead in the page
+cache + with a private Ray: its daemons, one process per worker (each imports torch) and
+the object store. Figures for Ray's processes were measured on the development machine
+(README, "Memory and speed").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .errors import UsageError
+from .formats.dtypes import DTYPES
+from .plan import Plan
+
+MIB = 1 << 20
+MIN_CHUNK_ELEMS = 64 << 10
+DEFAULT_FRACTION = 0.5  # of the machine's available memory
+CGROUP_FRACTION = 0.9  # of a cgroup's limit: its page cache is reclaimable, so most of it is usable
+WORKER_SLACK = 4 * MIB  # thread stack, allocator slack, small tensors
+PROCESS_SLACK = 32 * MIB  # the plan's Python objects, logging, progress bar, late imports
+MAX_READAHEAD = 16 * MIB
+MIN_READAHEAD = 256 << 10
+# A private local Ray, measured here: raylet + GCS + dashboard and runtime-env agents, and
+# one worker process per CPU, each with torch imported.
+RAY_DAEMONS = 560 * MIB
+RAY_WORKER_PROCESS = 300 * MIB
+RAY_MIN_OBJECT_STORE = 80 * MIB
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'400MB', '2GiB', '1.5G', '123' (bytes)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size like 400MB or 2GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1), if any."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value != "max" and int(value) < (1 << 60):
+            return int(value)
+    return None
+
+
+def default_budget() -> int:
+    budget = int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+    limit = cgroup_limit()
+    if limit is not None:
+        budget = min(budget, int(limit * CGROUP_FRACTION))
+    return budget
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    process: int  # this process now, with slack
+    workers: int
+    chunk_elems: int
+    per_worker: int
+    readahead: int  # bytes hinted ahead per input and worker (page cache)
+    ray: int = 0  # a private Ray's daemons and worker processes
+    object_store: int = 0
+    writer_inflight: int = 64 * MIB  # per task, with Ray's writer sink
+
+    @property
+    def total(self) -> int:
+        """What the merge's processes hold; readahead is reclaimable page cache, sized from what is left."""
+        return self.process + self.workers * self.per_worker + self.ray + self.object_store
+
+    def describe(self) -> str:
+        return (f"memory budget {self.budget / MIB:.0f} MiB: this process {self.process / MIB:.0f} MiB, "
+                f"{self.workers} workers x {self.per_worker / MIB:.1f} MiB (chunk {self.chunk_elems} elements)"
+                + (f", Ray {self.ray / MIB:.0f} MiB + object store {self.object_store / MIB:.0f} MiB"
+                   if self.ray else "")
+                + f", readahead {self.readahead / MIB:.1f} MiB per input")
+
+
+def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
+    """What one worker touches for a chunk of `chunk_elems` elements (copies move 4 x chunk bytes)."""
+    in_size = max([DTYPES[s.dtype].bits // 8 for t in plan.tensors if t.op == "reduce" for s in t.sources] + [4])
+    out_size = max([DTYPES[t.dtype].bits // 8 for t in plan.tensors] + [4])
+    acc_size = max([DTYPES[t.accumulator].bits // 8 for t in plan.tensors if t.op == "reduce"] + [4])
+    host = chunk_elems * (in_size * (2 if cuda else 1) + out_size)
+    device = 0 if cuda else 2 * chunk_elems * acc_size
+    return host + device + WORKER_SLACK
+
+
+def fit(
+    plan: Plan,
+    budget: int | None,
+    *,
+    workers: int,
+    chunk_elems: int | None,
+    default_chunk_elems: int,
+    private_ray: bool,
+    cuda: bool = False,
+) -> MemoryPlan:
+    """The largest configuration (up to the requested workers and chunk) within the budget."""
+    budget = default_budget() if budget is None else budget
+    process = psutil.Process().memory_info().rss + PROCESS_SLACK
+    chunk = chunk_elems or default_chunk_elems
+    ray = object_store = 0
+    n_files = max(1, len(plan.inputs))
+
+    def cost(w: int, c: int) -> int:
+        worker = per_worker_bytes(plan, c, cuda)
+        extra = (RAY_DAEMONS + RAY_MIN_OBJECT_STORE + w * RAY_WORKER_PROCESS) if private_ray else 0
+        return process + w * worker + extra
+
+    w = workers
+    while w > 1 and cost(w, chunk) > budget:
+        w -= 1
+    if chunk_elems is None:  # shrink our default chunk before refusing; a chunk the user set is kept
+        while chunk > MIN_CHUNK_ELEMS and cost(w, chunk) > budget:
+            chunk //= 2
+    need = cost(1, chunk if chunk_elems else MIN_CHUNK_ELEMS)
+    if cost(w, chunk) > budget:
+        what = "this process, a private Ray and one worker" if private_ray else "this process and one worker"
+        raise BudgetError(
+            f"--memory {budget / MIB:.0f} MiB is too small: the merge needs at least {math.ceil(need / MIB)} MiB "
+            f"({what}; this process alone holds {process / MIB:.0f} MiB)"
+        )
+    worker = per_worker_bytes(plan, chunk, cuda)
+    if private_ray:
+        ray = RAY_DAEMONS + w * RAY_WORKER_PROCESS
+        object_store = max(RAY_MIN_OBJECT_STORE, min(512 * MIB, (budget - cost(w, chunk)) // 2 + RAY_MIN_OBJECT_STORE))
+    left = budget - process - w * worker - ray - object_store
+    readahead = int(min(MAX_READAHEAD, max(MIN_READAHEAD, left // (2 * n_files * w))))
+    writer_inflight = max(4 * MIB, min(64 * MIB, object_store // max(1, 2 * w))) if object_store else 64 * MIB
+    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, object_store, writer_inflight)
+
+
+class BudgetError(UsageError):
+    """The memory budget cannot hold even the smallest configuration."""
+

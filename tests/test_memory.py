@@ -1,0 +1,141 @@
+"""The memory budget: derived settings, refusal below the minimum, and a merge of inputs
+four times larger than a real cgroup memory limit, run inside that cgroup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import make_models, sha256
+
+from astolfo_dist import merge
+from astolfo_dist.budget import MIB, BudgetError, fit, parse_size, per_worker_bytes
+from astolfo_dist.cli import main
+from astolfo_dist.merge import Inputs, plan_merge
+from astolfo_dist.recipe import MergeRecipe
+
+CLI = [sys.executable, "-m", "astolfo_dist"]
+
+
+def _plan(paths):
+    recipe = MergeRecipe(models=tuple(str(p) for p in paths))
+    loaded = Inputs(recipe, None)
+    try:
+        return plan_merge(recipe, loaded)
+    finally:
+        loaded.close()
+
+
+def test_parse_size():
+    assert parse_size("400MB") == 400_000_000
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1.5G") == int(1.5 * (1 << 30))
+    assert parse_size("123") == 123
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_budget_shrinks_workers_then_chunk_and_refuses_below_the_minimum(sd_models):
+    plan = _plan(sd_models(["F16", "F16"], keys=50))
+    roomy = fit(plan, 64 << 30, workers=8, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=False)
+    assert roomy.workers == 8 and roomy.chunk_elems == 512 << 10
+    assert roomy.total <= roomy.budget
+    one_worker = roomy.process + per_worker_bytes(plan, 512 << 10) + MIB
+    tight = fit(plan, one_worker, workers=8, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=False)
+    assert tight.workers == 1 and tight.chunk_elems == 512 << 10 and tight.total <= one_worker
+    tighter = fit(plan, tight.process + per_worker_bytes(plan, 64 << 10) + MIB, workers=8, chunk_elems=None,
+                  default_chunk_elems=512 << 10, private_ray=False)
+    assert tighter.workers == 1 and tighter.chunk_elems < 512 << 10
+    with pytest.raises(BudgetError, match=r"needs at least \d+ MiB"):
+        fit(plan, 100 * MIB, workers=2, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=False)
+    with pytest.raises(BudgetError, match="private Ray"):
+        fit(plan, 600 * MIB, workers=2, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=True)
+
+
+def test_too_small_budget_exits_2_with_the_minimum(sd_models, tmp_path, capsys):
+    paths = sd_models(["F16", "F16"], keys=50)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", *map(str, paths), "-o", str(out), "--memory", "50MB", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory 48 MiB is too small: the merge needs at least" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("*.partial*"))
+
+
+def test_budget_of_400mb_merges_sd_sized_models(sd_models, tmp_path):
+    paths = [str(p) for p in sd_models(["F16", "BF16", "F16"], scale=8)]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    merge(paths, a, memory="400MB")
+    merge(paths, b)
+    assert sha256(a) == sha256(b)
+
+
+# --- a real cgroup ------------------------------------------------------------------------------
+
+
+def _memory_cgroup_parent() -> tuple[str, Path] | None:
+    """('v1'|'v2', a cgroup folder we may create children in), or None."""
+    if os.geteuid() != 0:
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            folder = Path("/sys/fs/cgroup") / path.lstrip("/")
+            if "memory" in (folder / "cgroup.subtree_control").read_text() and os.access(folder, os.W_OK):
+                return "v2", folder
+        elif "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            if (folder / "memory.limit_in_bytes").exists() and os.access(folder, os.W_OK):
+                return "v1", folder
+    return None
+
+
+@pytest.fixture
+def memory_cgroup():
+    found = _memory_cgroup_parent()
+    if found is None:
+        pytest.skip("needs root and a writable cgroup memory controller (v1 or v2)")
+    version, parent = found
+    folder = parent / f"astolfo-test-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup under {parent}: {exc}")
+    try:
+        yield version, folder
+    finally:
+        folder.rmdir()
+
+
+def test_merge_of_inputs_4x_the_limit_inside_a_memory_cgroup(memory_cgroup, tmp_path):
+    version, cgroup = memory_cgroup
+    limit = 450 * MIB
+    if version == "v1":
+        (cgroup / "memory.limit_in_bytes").write_text(str(limit))
+    else:
+        (cgroup / "memory.max").write_text(str(limit))
+        (cgroup / "memory.swap.max").write_text("0")
+    paths = [str(p) for p in make_models(tmp_path / "in", ["F16"] * 8, scale=2)]
+    total = sum(Path(p).stat().st_size for p in paths)
+    assert total >= 4 * limit, f"inputs of {total / MIB:.0f} MiB are not 4x the {limit / MIB:.0f} MiB limit"
+    reference = tmp_path / "reference.safetensors"
+    merge(paths, reference)
+    out = tmp_path / "out.safetensors"
+    procs = cgroup / "cgroup.procs"
+    script = f'echo $$ > "{procs}" && exec "$@"'
+    proc = subprocess.run(["sh", "-c", script, "sh", *CLI, "merge", *paths, "-o", str(out), "-q"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    if version == "v1":
+        oom = (cgroup / "memory.oom_control").read_text()
+        peak = int((cgroup / "memory.max_usage_in_bytes").read_text())
+        assert "oom_kill 0" in oom or "oom_kill" not in oom, oom
+    else:
+        events = (cgroup / "memory.events").read_text()
+        assert "oom_kill 0" in events, events
+        peak = int((cgroup / "memory.peak").read_text()) if (cgroup / "memory.peak").exists() else 0
+    assert peak <= limit
+    assert sha256(out) == sha256(reference)
