@@ -90,7 +90,7 @@ class MemoryPlan:
     readahead: int  # bytes hinted ahead per input and worker (page cache)
     ray: int = 0  # a private Ray's daemons and worker processes
     object_store: int = 0
-    writer_inflight: int = 64 * MIB  # per task, with Ray's writer sink
+    writer_inflight: int = 256 * MIB  # all tasks together, with Ray's writer sink
 
     @property
     def total(self) -> int:
@@ -124,17 +124,20 @@ def fit(
     default_chunk_elems: int,
     private_ray: bool,
     cuda: bool = False,
+    object_store: int | None = None,
+    writer_inflight: int | None = None,
 ) -> MemoryPlan:
     """The largest configuration (up to the requested workers and chunk) within the budget."""
     budget = default_budget() if budget is None else budget
     process = psutil.Process().memory_info().rss + PROCESS_SLACK
     chunk = chunk_elems or default_chunk_elems
-    ray = object_store = 0
+    ray = 0
+    store_floor = object_store or RAY_MIN_OBJECT_STORE
     n_files = max(1, len(plan.inputs))
 
     def cost(w: int, c: int) -> int:
         worker = per_worker_bytes(plan, c, cuda)
-        extra = (RAY_DAEMONS + RAY_MIN_OBJECT_STORE + w * RAY_WORKER_PROCESS) if private_ray else 0
+        extra = (RAY_DAEMONS + store_floor + w * RAY_WORKER_PROCESS) if private_ray else 0
         return process + w * worker + extra
 
     w = workers
@@ -151,13 +154,16 @@ def fit(
             f"({what}; this process alone holds {process / MIB:.0f} MiB)"
         )
     worker = per_worker_bytes(plan, chunk, cuda)
+    store = 0
     if private_ray:
         ray = RAY_DAEMONS + w * RAY_WORKER_PROCESS
-        object_store = max(RAY_MIN_OBJECT_STORE, min(512 * MIB, (budget - cost(w, chunk)) // 2 + RAY_MIN_OBJECT_STORE))
-    left = budget - process - w * worker - ray - object_store
+        store = object_store or min(512 * MIB, (budget - cost(w, chunk)) // 2 + RAY_MIN_OBJECT_STORE)
+    left = budget - process - w * worker - ray - store
     readahead = int(min(MAX_READAHEAD, max(MIN_READAHEAD, left // (2 * n_files * w))))
-    writer_inflight = max(4 * MIB, min(64 * MIB, object_store // max(1, 2 * w))) if object_store else 64 * MIB
-    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, object_store, writer_inflight)
+    # Chunks on their way to the writer live in the object store: half of it by default, so
+    # that they rarely spill; more is allowed, and then spilling (to --spill-dir) takes the rest.
+    inflight = writer_inflight or (store // 2 if store else 256 * MIB)
+    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight)
 
 
 class BudgetError(UsageError):

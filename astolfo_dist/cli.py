@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sink", choices=SINKS, default="auto",
                    help="ray: direct = workers write the output files; writer = an actor on this node does")
     m.add_argument("--spill-dir", help="ray: object spilling folder (an SSD path) of a private local Ray")
+    m.add_argument("--object-store-mb", type=float, help="ray: object store of a private local Ray (default: budget)")
+    m.add_argument("--writer-inflight-mb", type=float,
+                   help="ray writer sink: MiB of chunks in flight to the writer (default: half the object store)")
     m.add_argument("--shard-size", type=_size, help="write a folder of HF shards of at most SIZE (e.g. 5GB, 500MiB)")
     m.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted run")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -118,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             resume=args.resume,
             memory=args.memory,
+            object_store_mb=args.object_store_mb,
+            writer_inflight_mb=args.writer_inflight_mb,
             workers=args.workers,
             device=args.device,
             overwrite=args.overwrite,

@@ -127,6 +127,8 @@ def merge(
     shard_size: int | None = None,
     resume: bool = False,
     memory: int | str | None = None,
+    object_store_mb: float | None = None,
+    writer_inflight_mb: float | None = None,
 ) -> MergeResult:
     """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
     of Hugging Face style shards and their index).
@@ -184,6 +186,8 @@ def merge(
             default_chunk_elems=int(DEFAULT_CHUNK_MB * (1 << 20)) // 4,
             private_ray=executor == "ray" and not address,
             cuda=dev.type == "cuda",
+            object_store=int(object_store_mb * (1 << 20)) if object_store_mb else None,
+            writer_inflight=int(writer_inflight_mb * (1 << 20)) if writer_inflight_mb else None,
         )
         log.info("%s", mem.describe())
         layouts = [(o.name, o.header, o.size) for o in plan.outputs]

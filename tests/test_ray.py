@@ -200,3 +200,19 @@ def test_probe_finds_where_inputs_are(cluster, inputs, tmp_path):
             assign_nodes({s.index: shard_files(plan, s) for s in shards}, {s.index: 1 for s in shards}, holders, nodes)
     finally:
         ray.shutdown()
+
+
+def test_writer_sink_spills_to_the_spill_dir_and_leaves_it_empty(tmp_path_factory, tmp_path):
+    """A private local Ray whose object store is far smaller than the chunks in flight to
+    the writer: objects spill to --spill-dir, the merge is right, the folder ends empty."""
+    inputs = [str(p) for p in make_models(tmp_path_factory.mktemp("spill"), ["F32"] * 2, scale=4)]
+    reference = tmp_path / "reference.safetensors"
+    merge(inputs, reference)
+    spill = tmp_path / "spill"
+    out = tmp_path / "out.safetensors"
+    result = merge(inputs, out, executor="ray", sink="writer", spill_dir=str(spill), object_store_mb=80,
+                   writer_inflight_mb=600, workers=2, memory="8GiB")
+    assert sha256(out) == sha256(reference)
+    assert result.written_bytes > 80 << 20  # more output than the store holds passed through it
+    leftovers = [p for p in spill.rglob("*") if p.is_file()]
+    assert not leftovers, leftovers

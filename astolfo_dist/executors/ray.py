@@ -136,7 +136,7 @@ class TaskSpec:
     chunk_elems: int
     device: str
     readahead: int
-    writer_inflight: int
+    writer_inflight: int  # bytes one task may have on their way to the writer
 
 
 def run_shard_task(plan: Plan, shard: Shard, spec: TaskSpec) -> ShardResult:
@@ -306,6 +306,11 @@ def _init_private(options: RayOptions, workers: int, temp_dir: str, system_confi
         log_to_driver=False,
         configure_logging=False,
     )
+    # ray.init writes a token for a new local cluster with the default umask (0644 here):
+    # the token is the only guard of Ray's ports, so only its owner may read it.
+    token = os.path.expanduser("~/.ray/auth_token")
+    if os.path.exists(token):
+        os.chmod(token, 0o600)
 
 
 def choose_sink(options: RayOptions, paths: list[str], plan: Plan, started_local: bool) -> str:
@@ -405,7 +410,11 @@ def run_ray(
                 .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
                 .remote(paths)
             )
-        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, spec.writer_inflight)
+        total_cpus = int(ray.cluster_resources().get("CPU", workers))
+        max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
+        # The writer's bound is for all tasks together: each in-flight task gets its share.
+        per_task = max(1 << 20, spec.writer_inflight // max_in_flight)
+        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, per_task)
         task = ray.remote(run_shard_task)
         needs = {s.index: shard_files(plan, s) for s in shards}
         cost = {s.index: s.read_bytes for s in shards}
@@ -424,8 +433,6 @@ def run_ray(
             ref = task.options(**opts).remote(plan_ref, shard, spec)
             pending[ref] = shard.index
 
-        total_cpus = int(ray.cluster_resources().get("CPU", workers))
-        max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
         queue = deque(shards)
         results: list[ShardResult] = []
         while queue or pending:
