@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=_size, help="write a folder of HF shards of at most SIZE (e.g. 5GB, 500MiB)")
     m.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted run")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    m.add_argument("--cache-dir", help="where converted .ckpt files are cached")
+    m.add_argument("--cache-dir",
+                   help="cache folder: converted .ckpt files, and byte ranges read from remote (s3://...) inputs")
 
     i = sub.add_parser("inspect", parents=[common], help="summarise a checkpoint from its header")
     i.add_argument("model", metavar="MODEL")

@@ -80,7 +80,7 @@ class Inputs:
             for model in self.models + self.donors:
                 for file in model.files:
                     if file not in self.readers:
-                        self.readers[file] = open_reader(file)
+                        self.readers[file] = open_reader(file, cache_dir=cache_dir)
                         self.headers[file] = read_header(self.readers[file])
         except BaseException:
             self.close()
@@ -206,7 +206,7 @@ def merge(
                     store = mem.object_store or RayOptions.object_store_bytes
                     ray_options = RayOptions(address, sink, spill_dir, store)
                     results = _execute(plan, todo, outputs, journal, inputs.readers, on_progress, mem, dev, executor,
-                                       ray_options)
+                                       ray_options, str(cache_dir) if cache_dir else None)
             finally:
                 journal.close()
             if plan.sharded:
@@ -263,6 +263,7 @@ def _execute(
     device: torch.device,
     executor: str,
     ray_options: RayOptions,
+    cache_dir: str | None,
 ) -> list[ShardResult]:
     def finished(result: ShardResult) -> None:
         journal.record(result.shard, result.crc32, result.written_bytes)
@@ -274,7 +275,8 @@ def _execute(
             finished(result)
             on_progress(result.read_bytes)
 
-        spec = TaskSpec(tuple(outputs.paths), None, mem.chunk_elems, str(device), mem.readahead, mem.writer_inflight)
+        spec = TaskSpec(tuple(outputs.paths), None, mem.chunk_elems, str(device), mem.readahead, mem.writer_inflight,
+                        cache_dir)
         return run_ray(plan, shards, spec, workers=mem.workers, options=ray_options, on_done=finished_remote)
     sink = PartialWriter(outputs.paths)
     try:

@@ -81,14 +81,14 @@ def held_inputs(checks: tuple[InputCheck, ...]) -> list[int]:
     return held
 
 
-def _checked_readers(plan: Plan, files: set[str]) -> dict[str, RangeReader]:
+def _checked_readers(plan: Plan, files: set[str], cache_dir: str | None = None) -> dict[str, RangeReader]:
     """Open the shard's inputs on this node and check they are the files the plan was made from."""
     readers: dict[str, RangeReader] = {}
     try:
         for check in plan.inputs:
             if check.file not in files:
                 continue
-            reader = readers[check.file] = open_reader(check.file)
+            reader = readers[check.file] = open_reader(check.file, cache_dir=cache_dir)
             problem = _mismatch(check, reader)
             if problem:
                 raise InputError(check.file, problem)
@@ -137,11 +137,12 @@ class TaskSpec:
     device: str
     readahead: int
     writer_inflight: int  # bytes one task may have on their way to the writer
+    cache_dir: str | None = None  # local cache of remote byte ranges, on each node
 
 
 def run_shard_task(plan: Plan, shard: Shard, spec: TaskSpec) -> ShardResult:
     torch.set_num_threads(1)
-    readers = _checked_readers(plan, shard_files(plan, shard))
+    readers = _checked_readers(plan, shard_files(plan, shard), spec.cache_dir)
     sink: PartialWriter | _ActorSink = (
         PartialWriter(spec.paths) if spec.writer is None else _ActorSink(spec.writer, spec.writer_inflight)
     )
@@ -414,7 +415,7 @@ def run_ray(
         max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
         # The writer's bound is for all tasks together: each in-flight task gets its share.
         per_task = max(1 << 20, spec.writer_inflight // max_in_flight)
-        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, per_task)
+        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, per_task, spec.cache_dir)
         task = ray.remote(run_shard_task)
         needs = {s.index: shard_files(plan, s) for s in shards}
         cost = {s.index: s.read_bytes for s in shards}

@@ -19,10 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
-
 from ..errors import InputError
-from .readers import is_url
+from .readers import is_url, missing_backend, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class _LocalFolder:
 
 class _FsspecFolder:
     def __init__(self, url: str) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs, self.root = url_to_fs(url)  # the readers' storage options (readers.remote_options)
         self.protocol = url.split("://", 1)[0]
 
     def exists(self, path: str) -> bool:
@@ -90,7 +88,7 @@ class _FsspecFolder:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._path(folder), detail=False))
 
     def _path(self, url: str) -> str:
-        return fsspec.core.url_to_fs(url)[1]
+        return url_to_fs(url)[1]
 
 
 def _resolve_url(url: str) -> ModelSource:
@@ -99,7 +97,11 @@ def _resolve_url(url: str) -> ModelSource:
         info = folder.fs.info(folder.root)
     except FileNotFoundError:
         raise InputError(url, "no such file or directory") from None
-    except (ValueError, ImportError) as exc:
+    except PermissionError as exc:
+        raise InputError(url, f"permission denied ({exc})") from None
+    except ImportError as exc:
+        raise missing_backend(url, exc) from None
+    except ValueError as exc:
         raise InputError(url, f"cannot open URL: {exc}") from None
     if info.get("type") == "directory":
         return ModelSource(url, _folder_files(url, url, folder))
