@@ -100,6 +100,15 @@ def plan_merge(recipe: MergeRecipe, inputs: Inputs, shard_size: int | None = Non
     return build_plan(recipe, inputs.models, inputs.donors, inputs.headers, shard_size=shard_size)
 
 
+def plan_for(recipe: MergeRecipe, cache_dir: Path | None = None, shard_size: int | None = None) -> Plan:
+    """The plan of a merge, from the inputs' headers alone (no tensor data is read)."""
+    inputs = Inputs(recipe, cache_dir)
+    try:
+        return plan_merge(recipe, inputs, shard_size)
+    finally:
+        inputs.close()
+
+
 EXECUTORS = ("local", "ray")
 
 
@@ -173,6 +182,7 @@ def merge(
     inputs = Inputs(recipe, Path(cache_dir) if cache_dir else None)
     try:
         plan = plan_merge(recipe, inputs, shard_size)
+        inputs.headers.clear()  # the plan holds what the merge needs; N parsed headers would grow with N
         for line in plan.report.lines():
             log.info("%s", line)
         shards = make_shards(plan, int(shard_mb * (1 << 20)) if shard_mb else None)

@@ -23,7 +23,7 @@ from .recipe.spec import MergeRecipe
 Op = Literal["reduce", "copy"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
     """One input tensor: model index (inputs first, then donors), file, absolute offset, dtype."""
 
@@ -33,7 +33,7 @@ class Source:
     dtype: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedTensor:
     name: str
     shape: tuple[int, ...]

@@ -16,7 +16,7 @@ MAX_SHARD_BYTES = 512 << 20
 SHARDS_PER_PLAN = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     tensor: int  # index into plan.tensors
     start: int  # in the tensor's units (elements to reduce, bytes to copy)

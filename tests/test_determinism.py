@@ -6,7 +6,7 @@ import pytest
 from conftest import sha256
 
 from astolfo_dist import merge
-from astolfo_dist.merge import Inputs, plan_merge
+from astolfo_dist.merge import plan_for
 from astolfo_dist.recipe import MergeRecipe
 from astolfo_dist.shards import make_shards
 
@@ -30,11 +30,7 @@ def test_sha256_is_independent_of_workers_chunks_and_shards(inputs, tmp_path, we
 
 def test_shards_cover_every_unit_once_and_split_large_tensors(inputs):
     recipe = MergeRecipe(models=tuple(str(p) for p in inputs))
-    loaded = Inputs(recipe, None)
-    try:
-        plan = plan_merge(recipe, loaded)
-    finally:
-        loaded.close()
+    plan = plan_for(recipe)
     target = 64 << 10
     shards = make_shards(plan, target)
     covered: dict[int, list[tuple[int, int]]] = {}

@@ -15,19 +15,14 @@ from conftest import make_models, sha256
 from astolfo_dist import merge
 from astolfo_dist.budget import MIB, BudgetError, fit, parse_size, per_worker_bytes
 from astolfo_dist.cli import main
-from astolfo_dist.merge import Inputs, plan_merge
+from astolfo_dist.merge import plan_for
 from astolfo_dist.recipe import MergeRecipe
 
 CLI = [sys.executable, "-m", "astolfo_dist"]
 
 
 def _plan(paths):
-    recipe = MergeRecipe(models=tuple(str(p) for p in paths))
-    loaded = Inputs(recipe, None)
-    try:
-        return plan_merge(recipe, loaded)
-    finally:
-        loaded.close()
+    return plan_for(MergeRecipe(models=tuple(str(p) for p in paths)))
 
 
 def test_parse_size():

@@ -133,15 +133,11 @@ def test_input_changed_on_a_node_is_refused(cluster, inputs, tmp_path):
     copy = tmp_path / "copy.safetensors"
     shutil.copyfile(inputs[0], copy)
     from astolfo_dist.executors.ray import _checked_readers
-    from astolfo_dist.merge import Inputs, plan_merge
+    from astolfo_dist.merge import plan_for
     from astolfo_dist.recipe import MergeRecipe
 
     recipe = MergeRecipe(models=(str(copy), inputs[1]))
-    loaded = Inputs(recipe, None)
-    try:
-        plan = plan_merge(recipe, loaded)
-    finally:
-        loaded.close()
+    plan = plan_for(recipe)
     raw = copy.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     # Same size, another header: what a different file at the same path on a node looks like.
@@ -176,18 +172,14 @@ def test_probe_finds_where_inputs_are(cluster, inputs, tmp_path):
     import shutil
 
     from astolfo_dist.executors.ray import assign_nodes, probe_holders, shard_files
-    from astolfo_dist.merge import Inputs, plan_merge
+    from astolfo_dist.merge import plan_for
     from astolfo_dist.recipe import MergeRecipe
     from astolfo_dist.shards import make_shards
 
     gone = tmp_path / "gone.safetensors"
     shutil.copyfile(inputs[0], gone)
     recipe = MergeRecipe(models=(str(gone), inputs[1]))
-    loaded = Inputs(recipe, None)
-    try:
-        plan = plan_merge(recipe, loaded)
-    finally:
-        loaded.close()
+    plan = plan_for(recipe)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         nodes, holders = probe_holders(plan)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from astolfo_dist import merge
 from astolfo_dist.journal import journal_path
-from astolfo_dist.merge import Inputs, plan_merge
+from astolfo_dist.merge import plan_for
 from astolfo_dist.recipe import MergeRecipe
 from astolfo_dist.shards import make_shards
 
@@ -97,11 +97,7 @@ def test_resume_after_killed_driver_recomputes_only_unfinished_shards(slow_input
 
     result = merge(slow_inputs, out, workers=2, chunk_mb=1, shard_mb=4, dtype="fp16", resume=True)
     recipe = MergeRecipe(models=tuple(slow_inputs), dtype="fp16")
-    loaded = Inputs(recipe, None)
-    try:
-        all_shards = {s.index for s in make_shards(plan_merge(recipe, loaded), 4 << 20)}
-    finally:
-        loaded.close()
+    all_shards = {s.index for s in make_shards(plan_for(recipe), 4 << 20)}
     assert set(result.reused_shards) == journaled
     assert set(result.computed_shards) == all_shards - journaled
     assert sha256(out) == sha256(reference)
@@ -120,11 +116,7 @@ def test_resume_recomputes_a_journaled_shard_whose_bytes_were_damaged(slow_input
 
     shutil.copyfile(reference, partial)
     recipe = MergeRecipe(models=tuple(small))
-    loaded = Inputs(recipe, None)
-    try:
-        plan = plan_merge(recipe, loaded)
-    finally:
-        loaded.close()
+    plan = plan_for(recipe)
     shards = make_shards(plan, 8 << 20)
     from astolfo_dist.journal import Journal, JournalEntry, shard_output_ranges, verify
 

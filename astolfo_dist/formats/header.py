@@ -24,7 +24,7 @@ METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
     dtype: DType
