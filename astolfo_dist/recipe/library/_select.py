@@ -1,0 +1,265 @@
+"""Exact top-k by magnitude, as a mergeable, order-free state: what TIES and breadcrumbs need.
+
+recipe/stats.py defines the selection (the k largest |x|, ties kept in element-index order,
+NaN above everything, -0.0 equal to +0.0) and its result type, `TopKResult`, whose `mask`
+answers any chunk at any offset. Its `TopKThreshold` driver needs the chunks in element order
+within a pass and cannot be split between workers, so this module drives the same radix
+selection with statistics that are sums and sets:
+
+* a histogram pass counts the next `HIST_BITS` bits of the magnitude patterns that share the
+  prefix found so far, and keeps the smallest and largest pattern per digit (integer counts,
+  minima and maxima: any order, any split, merged exactly); a digit whose smallest and largest
+  patterns agree settles the pattern at once, so heavy ties (zeros, repeated values) cost
+  one pass, not one per 10 bits;
+* once the elements sharing the prefix number at most `COLLECT_CAP`, one collect pass gathers
+  them all as (pattern, index) pairs, and sorting them settles both the threshold and which
+  tied elements are kept (a set: merged by concatenation, sorted before use); a tensor of at
+  most `COLLECT_CAP` elements is settled by a single collect pass;
+* if the threshold is settled but only some of the tied elements are kept, the kept ones are
+  the first in index order: the same radix selection runs over their indices (the smallest
+  first), where stats.py would stop a sequential pass at the cut. With `inert_zeros`, ties at
+  |x| = 0 are never split (all zeros are kept): a caller for which a zero contributes nothing
+  (TIES, breadcrumbs: a zero delta adds nothing and never agrees with an elected sign) gets
+  the same output without the index passes.
+
+Typical passes: 2-3 for float32 and float64 magnitudes of real tensors, 1-3 for tensors full
+of zeros or repeated values; never more than `MAX_PASSES`. State per selection: the
+histogram with its minima and maxima, 3 x 2**HIST_BITS int64 (24 KiB), or at most
+COLLECT_CAP candidate pairs (16 KiB), whatever numel is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..stats import _PATTERNS, TopKResult, _key_dtype, magnitude_bits
+
+HIST_BITS = 10
+COLLECT_CAP = 1024
+MAX_INDEX_BITS = 62  # rng.py's element-index range
+MAX_PASSES = -(-63 // HIST_BITS) + -(-MAX_INDEX_BITS // HIST_BITS)
+_EMPTY_MIN = (1 << 63) - 1
+
+
+def _threshold_value(dtype: torch.dtype, bits: int) -> float:
+    pat = _PATTERNS[dtype]
+    return float(torch.tensor([bits], dtype=torch.int64).to(pat.int_dtype).view(dtype).item())
+
+
+@dataclass
+class Selection:
+    """The k largest |x| of a tensor of numel elements; `result` once `done`."""
+
+    numel: int
+    k: int
+    dtype: torch.dtype | None = None
+    stage: str = "magnitude"  # "magnitude": radix over |x| patterns; "index": over tied indices
+    collect: bool = False  # this pass gathers candidates instead of counting digits
+    prefix: int = 0
+    known: int = 0
+    need: int = 0  # elements still to keep among those sharing the prefix
+    n_greater: int = 0
+    threshold_bits: int = 0
+    n_equal: int = 0
+    keep_equal: int = 0  # how many of the n_equal tied elements are kept
+    inert_zeros: bool = False  # |x| = 0 changes nothing downstream: never split ties at zero
+    hist: torch.Tensor | None = None  # this pass's counts per digit (CPU int64)
+    hmin: torch.Tensor | None = None  # the smallest and largest key per digit: a digit whose
+    hmax: torch.Tensor | None = None  # keys are all equal settles the key in this pass
+    cand_key: torch.Tensor | None = None  # collect: the candidates' keys (CPU int64)
+    cand_index: torch.Tensor | None = None  # collect, magnitude stage: their element indices
+    passes: int = 0
+    result: TopKResult | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.k <= self.numel:
+            raise ValueError(f"need 0 <= k <= numel, got k={self.k}, numel={self.numel}")
+        self.need = self.k
+        self.collect = self.numel <= COLLECT_CAP  # small tensors: one collect pass settles everything
+        if self.k == 0:
+            self._finish(None, 0, 0, 0, 0, 0)
+        elif self.k == self.numel:
+            self._finish(None, -1, self.numel, 0, 0, 0)
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def _width(self) -> int:
+        return _PATTERNS[self.dtype].bits if self.stage == "magnitude" else self._index_bits()
+
+    def _index_bits(self) -> int:
+        return max(1, (self.numel - 1).bit_length())
+
+    def feed(self, x: torch.Tensor, start: int) -> None:
+        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass."""
+        if self.done:
+            return
+        bits = magnitude_bits(x).to(torch.int64)
+        kd = _key_dtype(x.dtype)
+        if self.dtype is None:
+            self.dtype = kd
+        elif kd != self.dtype:
+            raise TypeError(f"chunk dtype {x.dtype} differs from the earlier chunks' ({self.dtype})")
+        if self.stage == "magnitude":
+            keys = bits
+            index = None
+        else:
+            index = torch.nonzero(bits == self.threshold_bits).reshape(-1).add_(start)
+            keys = ((1 << self._index_bits()) - 1) - index  # the smallest index ranks first
+        width = self._width()
+        if self.known:
+            sel = (keys >> (width - self.known)) == self.prefix
+            keys = keys[sel]
+            if self.collect and self.stage == "magnitude":
+                index = torch.nonzero(sel).reshape(-1).add_(start)
+        elif self.collect and self.stage == "magnitude":
+            index = torch.arange(start, start + keys.numel(), device=keys.device)
+        if self.collect:
+            self._append(keys.cpu(), None if self.stage == "index" else index.cpu())
+            return
+        digit_bits = min(HIST_BITS, width - self.known)
+        digits = (keys >> (width - self.known - digit_bits)) & ((1 << digit_bits) - 1)
+        bins = 1 << digit_bits
+        counts = torch.bincount(digits, minlength=bins).cpu()
+        lo = torch.full((bins,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
+        hi = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
+        lo = lo.scatter_reduce_(0, digits, keys, "amin").cpu()
+        hi = hi.scatter_reduce_(0, digits, keys, "amax").cpu()
+        if self.hist is None:
+            self.hist, self.hmin, self.hmax = counts, lo, hi
+        else:
+            self.hist.add_(counts)
+            torch.minimum(self.hmin, lo, out=self.hmin)
+            torch.maximum(self.hmax, hi, out=self.hmax)
+
+    def _append(self, keys: torch.Tensor, index: torch.Tensor | None) -> None:
+        self.cand_key = keys if self.cand_key is None else torch.cat([self.cand_key, keys])
+        if index is not None:
+            self.cand_index = index if self.cand_index is None else torch.cat([self.cand_index, index])
+        if self.cand_key.numel() > COLLECT_CAP:
+            raise ValueError("more candidates than the histogram counted: a chunk was observed twice")
+
+    def merge(self, other: Selection) -> None:
+        if self.done:
+            return
+        same = (self.stage, self.collect, self.prefix, self.known, self.need, self.passes)
+        if same != (other.stage, other.collect, other.prefix, other.known, other.need, other.passes):
+            raise ValueError("cannot merge selections at different steps")
+        if self.dtype is None:
+            self.dtype = other.dtype
+        elif other.dtype is not None and other.dtype != self.dtype:
+            raise TypeError(f"cannot merge selections over {self.dtype} and {other.dtype}")
+        if other.hist is not None:
+            if self.hist is None:
+                self.hist, self.hmin, self.hmax = other.hist.clone(), other.hmin.clone(), other.hmax.clone()
+            else:
+                self.hist.add_(other.hist)
+                torch.minimum(self.hmin, other.hmin, out=self.hmin)
+                torch.maximum(self.hmax, other.hmax, out=self.hmax)
+        if other.cand_key is not None:
+            self._append(other.cand_key, other.cand_index)
+
+    def end_pass(self) -> None:
+        if self.done:
+            return
+        self.passes += 1
+        if self.dtype is None:
+            raise ValueError("a selection pass saw no element")
+        if self.collect:
+            self._end_collect()
+        else:
+            self._end_histogram()
+
+    def _end_histogram(self) -> None:
+        width = self._width()
+        digit_bits = min(HIST_BITS, width - self.known)
+        if self.hist is None:
+            raise ValueError("a selection pass saw no element")
+        counts, lows, highs = self.hist.tolist(), self.hmin.tolist(), self.hmax.tolist()
+        self.hist = self.hmin = self.hmax = None
+        digit = len(counts) - 1
+        above = 0
+        while above + counts[digit] < self.need:  # the need-th largest lies in the highest digit reaching need
+            above += counts[digit]
+            digit -= 1
+        self.need -= above
+        remaining = counts[digit]
+        whole = lows[digit] if lows[digit] == highs[digit] else None  # every key in the digit is this one
+        if self.stage == "index":
+            if whole is not None:  # the kept tie with the largest index, itself
+                self._finish_cut(((1 << width) - 1) - whole + 1)
+                return
+        else:
+            self.n_greater += above
+            if whole is not None:
+                self._settle_threshold(whole, remaining)
+                return
+        self.prefix = (self.prefix << digit_bits) | digit
+        self.known += digit_bits
+        self.collect = remaining <= COLLECT_CAP
+
+    def _end_collect(self) -> None:
+        keys = [] if self.cand_key is None else self.cand_key.tolist()
+        if self.stage == "index":
+            chosen = sorted(keys, reverse=True)[self.need - 1]
+            self._finish_cut(((1 << self._width()) - 1) - chosen + 1)
+            return
+        index = self.cand_index.tolist() if self.cand_index is not None else []
+        order = sorted(zip(keys, index, strict=True), key=lambda p: (-p[0], p[1]))
+        threshold = order[self.need - 1][0]
+        greater = sum(1 for key in keys if key > threshold)
+        tied = sorted(i for key, i in zip(keys, index, strict=True) if key == threshold)
+        self.n_greater += greater
+        self.need -= greater
+        self.cand_key = self.cand_index = None
+        self.threshold_bits = threshold
+        self.n_equal = len(tied)
+        cut = self.numel if self.need == len(tied) else tied[self.need - 1] + 1
+        self._finish(self.dtype, threshold, self.n_greater, self.n_equal, self.need, cut)
+
+    def _settle_threshold(self, threshold: int, n_equal: int) -> None:
+        self.threshold_bits = threshold
+        self.n_equal = n_equal
+        self.keep_equal = self.need
+        if self.need == n_equal or (threshold == 0 and self.inert_zeros):
+            # Every tie is kept (with inert zeros: all zeros are, which changes no output value).
+            self._finish(self.dtype, threshold, self.n_greater, n_equal, n_equal, self.numel)
+            return
+        # Only the first `need` tied elements in index order are kept: select their indices.
+        self.stage = "index"
+        self.prefix = self.known = 0
+        self.collect = n_equal <= COLLECT_CAP
+
+    def _finish_cut(self, cut: int) -> None:
+        self.cand_key = None
+        self._finish(self.dtype, self.threshold_bits, self.n_greater, self.n_equal, self.keep_equal, cut)
+
+    def _finish(
+        self, dtype: torch.dtype | None, threshold_bits: int, n_greater: int, n_equal: int, keep_equal: int, cut: int
+    ) -> None:
+        self.hist = self.hmin = self.hmax = self.cand_key = self.cand_index = None
+        self.result = TopKResult(
+            numel=self.numel,
+            k=self.k,
+            dtype=dtype,
+            threshold_bits=threshold_bits,
+            threshold=None if dtype is None else _threshold_value(dtype, threshold_bits),
+            n_greater=n_greater,
+            n_equal=n_equal,
+            n_equal_to_keep=keep_equal,
+            cut_index=cut,
+            passes=self.passes,
+        )
+
+    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Bool mask of the kept elements among [start, start + x.numel())."""
+        if self.result is None:
+            raise RuntimeError("the selection needs more passes")
+        return self.result.mask(x, start)
+
+    def nbytes(self) -> int:
+        held = (self.hist, self.hmin, self.hmax, self.cand_key, self.cand_index)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)

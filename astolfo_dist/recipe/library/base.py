@@ -1,0 +1,321 @@
+"""The one interface every merge method implements: streaming, chunk by chunk, in bounded memory.
+
+A method turns N input tensors (same shape, flattened) into one output tensor without ever
+holding a whole tensor or a stack of N chunks. The engine drives it per tensor:
+
+    state = method.begin(key, numel, n_inputs)
+    p = 0
+    while not method.ready(state):                    # statistic passes (none for weighted sums)
+        for start, in every chunk, in any order:      # may be split between workers, see below
+            method.observe(state, p, start, read)
+        method.end_pass(state, p)                     # fixes thresholds, angles, weights...
+        p += 1
+    for every chunk:                                  # any order, any worker, any chunk size
+        method.output(state, start, read, out)        # out: the chunk's result, accumulator dtype
+
+`read(i)` returns the current chunk of input i (elements [start, start + len)) as a 1-D float
+tensor in the accumulator dtype (float32 or float64), read again from storage on each call.
+The tensor is valid only until the next `read` call: a method copies what it must keep into
+its own chunk-sized scratch. `out` has the chunk's length and the accumulator dtype.
+
+Passes. `tensor_passes` is an upper bound on the number of statistic passes (0: purely
+elementwise, no state beyond the parameters). Some methods finish early, depending on the
+data (an exact top-k selection stops when few candidates are left; Weiszfeld stops when
+its weights settle), so the driver asks `ready(state)` after each `end_pass`.
+
+Splitting a pass between workers. A state is a small picklable value (O(n_inputs) numbers,
+or a few histograms of at most a few thousand counts per input, never O(numel)). To split
+pass p, give every worker a copy (pickle / copy.deepcopy) of the state as it stood after
+`begin` or the previous `end_pass`; each worker observes its chunks; the driver folds the
+copies with `merge_states` and calls `end_pass` once. Every statistic is order-free and
+exact: integer counts, exact (error-free, superaccumulator) sums of float64 terms, and sets
+of candidates that are sorted before use. So the state after `end_pass`, and hence every
+output bit, is the same for any chunk size, chunk order and split between workers. Only
+`end_pass` runs scalar floating-point maths (square roots, arc cosines): it runs once, on
+the driver, and its results travel inside the state.
+
+Elementwise arithmetic in `output` uses only correctly rounded IEEE operations (add, sub,
+mul, div, compare; no fused multiply-add, no reductions across elements), one fixed order
+over the inputs, so an element's value depends on nothing but the inputs at that element
+and the state.
+
+Randomness (DARE, DELLA) comes from recipe/rng.py keyed by (seed, input index, tensor key,
+absolute element index), so masks are independent of chunking too.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
+
+import torch
+
+from ...errors import UsageError
+
+Read = Callable[[int], torch.Tensor]
+"""read(i) -> chunk of input i, accumulator dtype, valid until the next call."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+class Params:
+    """Mixin for a method's frozen parameter dataclass: validation that names method and field.
+
+    Subclasses are `@dataclass(frozen=True)` with defaults for every field, set `method`, and
+    validate in `__post_init__` with the helpers below (which also normalise types: ints to
+    floats, lists to tuples). `aliases` maps other accepted names (mergekit / sd-mecha
+    spellings, Python keywords) to field names.
+    """
+
+    method: ClassVar[str] = "?"
+    aliases: ClassVar[Mapping[str, str]] = {}
+
+    def _fail(self, name: str, message: str) -> NoReturn:
+        raise UsageError(f"{self.method}: parameter {name.rstrip('_')!r} {message}")
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _real(
+        self,
+        name: str,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        hi_open: bool = False,
+    ) -> float:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(name, f"must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            self._fail(name, f"must be finite, got {value!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            self._fail(name, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            self._fail(name, f"must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+        self._set(name, value)
+        return value
+
+    def _int(self, name: str, *, lo: int | None = None) -> int:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._fail(name, f"must be an integer, got {value!r}")
+        if lo is not None and value < lo:
+            self._fail(name, f"must be >= {lo}, got {value!r}")
+        return value
+
+    def _bool(self, name: str, *, optional: bool = False) -> bool | None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return None
+        if not isinstance(value, bool):
+            self._fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def _choice(self, name: str, choices: Sequence[str]) -> str:
+        value = getattr(self, name)
+        if value not in choices:
+            self._fail(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    def _weights(self, name: str) -> tuple[float, ...] | None:
+        value = getattr(self, name)
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            self._fail(name, f"must be a list of numbers, got {value!r}")
+        out = []
+        for w in value:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                self._fail(name, f"must hold finite numbers, got {w!r}")
+            out.append(float(w))
+        if not out:
+            self._fail(name, "must not be empty")
+        self._set(name, tuple(out))
+        return tuple(out)
+
+
+P = TypeVar("P", bound=Params)
+S = TypeVar("S", bound="State")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor state
+
+
+@dataclass
+class State:
+    """What every per-tensor state carries; methods subclass it with their statistics.
+
+    `pass_index` is the pass being run (== passes finished); `seen` counts the elements
+    observed in this pass (summed by merge_states, checked against numel by end_pass, so a
+    lost or doubled chunk is an error, not a silently wrong statistic).
+    """
+
+    key: str
+    numel: int
+    n_inputs: int
+    pass_index: int = 0
+    seen: int = 0
+    done: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+class Method(ABC, Generic[P, S]):
+    """A merge method: typed parameters + per-tensor streaming passes + a chunk output.
+
+    Class attributes describe the method: `name` (registry name), `params_type` (its frozen
+    Params dataclass), `uses_base` (True: the constructor needs `base`, the index among the
+    inputs of the base model that task vectors are taken against), and input-count bounds.
+    """
+
+    name: ClassVar[str]
+    params_type: ClassVar[type[Params]]
+    uses_base: ClassVar[bool] = False
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = None
+
+    def __init__(self, params: P | None = None, *, base: int | None = None) -> None:
+        if params is None:
+            params = self.params_type()  # type: ignore[assignment]
+        if not isinstance(params, self.params_type):
+            want, got = self.params_type.__name__, type(params).__name__
+            raise UsageError(f"{self.name}: parameters must be {want}, got {got}")
+        if self.uses_base:
+            if base is None:
+                raise UsageError(f"{self.name}: needs a base model (base=index of the base among the inputs)")
+            if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+                raise UsageError(f"{self.name}: base must be a non-negative input index, got {base!r}")
+        elif base is not None:
+            raise UsageError(f"{self.name}: takes no base model, got base={base!r}")
+        self.params: P = params  # type: ignore[assignment]
+        self.base = base
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None, *, base: int | None = None) -> Method:
+        """Build from a plain mapping (a recipe's YAML), accepting the documented aliases."""
+        names = {f.name for f in fields(cls.params_type)}
+        kwargs: dict[str, Any] = {}
+        for raw, value in (params or {}).items():
+            name = cls.params_type.aliases.get(raw, raw)
+            if name not in names:
+                known = sorted({n.rstrip("_") for n in names} | set(cls.params_type.aliases))
+                raise UsageError(f"{cls.name}: unknown parameter {raw!r}; known: {', '.join(known)}")
+            if name in kwargs:
+                raise UsageError(f"{cls.name}: parameter {name.rstrip('_')!r} given twice (as {raw!r})")
+            kwargs[name] = value
+        return cls(cls.params_type(**kwargs), base=base)
+
+    # -- the interface ------------------------------------------------------------------------
+
+    @property
+    def tensor_passes(self) -> int:
+        """Upper bound on the statistic passes over a whole tensor before output (0: none)."""
+        return 0
+
+    def begin(self, key: str, numel: int, n_inputs: int) -> S:
+        """A fresh per-tensor state; raises UsageError if n_inputs does not suit the method."""
+        if numel < 0:
+            raise ValueError(f"numel must be >= 0, got {numel}")
+        self.check_inputs(n_inputs)
+        return self._begin(key, numel, n_inputs)
+
+    def ready(self, state: S) -> bool:
+        """True once no more statistic passes are needed: output may run."""
+        return state.done
+
+    def observe(self, state: S, pass_index: int, start: int, read: Read) -> None:
+        """Fold the chunk starting at element `start` into the statistics of pass `pass_index`."""
+        self._check_pass(state, pass_index)
+        n = self._observe(state, start, read)
+        if start < 0 or start + n > state.numel:
+            raise ValueError(f"{self.name}: chunk [{start}, {start + n}) outside a tensor of {state.numel}")
+        state.seen += n
+
+    def end_pass(self, state: S, pass_index: int) -> None:
+        """Close pass `pass_index` once every chunk was observed (in this state or merged into it)."""
+        self._check_pass(state, pass_index)
+        if state.seen != state.numel:
+            raise ValueError(
+                f"{self.name}: pass {pass_index} of {state.key!r} observed {state.seen} elements, "
+                f"expected {state.numel}"
+            )
+        self._end_pass(state)
+        state.pass_index += 1
+        state.seen = 0
+        if not state.done and state.pass_index >= self.tensor_passes:
+            raise RuntimeError(f"{self.name}: still not ready after {state.pass_index} passes")
+
+    def merge_states(self, a: S, b: S) -> S:
+        """Combine two partial states of the same pass (copies of one state that observed
+        disjoint chunk sets). Returns the combined state (may be `a`, updated)."""
+        if (a.key, a.numel, a.n_inputs, a.pass_index) != (b.key, b.numel, b.n_inputs, b.pass_index):
+            raise ValueError(f"{self.name}: cannot merge states of different tensors or passes")
+        if a.done:
+            raise ValueError(f"{self.name}: the state needs no pass; nothing to merge")
+        self._merge(a, b)
+        a.seen += b.seen
+        return a
+
+    @abstractmethod
+    def output(self, state: S, start: int, read: Read, out: torch.Tensor) -> None:
+        """Write the result for elements [start, start + len(out)) into `out` (accumulator dtype)."""
+
+    # -- hooks for subclasses -----------------------------------------------------------------
+
+    def check_inputs(self, n_inputs: int) -> None:
+        if n_inputs < self.min_inputs or (self.max_inputs is not None and n_inputs > self.max_inputs):
+            if self.max_inputs == self.min_inputs:
+                want = f"exactly {self.min_inputs}"
+            elif self.max_inputs is None:
+                want = f"at least {self.min_inputs}"
+            else:
+                want = f"{self.min_inputs} to {self.max_inputs}"
+            raise UsageError(f"{self.name}: needs {want} input models, got {n_inputs}")
+        if self.base is not None and self.base >= n_inputs:
+            raise UsageError(f"{self.name}: base index {self.base} is out of range for {n_inputs} inputs")
+
+    def _begin(self, key: str, numel: int, n_inputs: int) -> S:
+        return State(key, numel, n_inputs)  # type: ignore[return-value]
+
+    def _observe(self, state: S, start: int, read: Read) -> int:
+        raise RuntimeError(f"{self.name}: needs no statistic pass")
+
+    def _end_pass(self, state: S) -> None:
+        raise RuntimeError(f"{self.name}: needs no statistic pass")
+
+    def _merge(self, a: S, b: S) -> None:
+        raise RuntimeError(f"{self.name}: needs no statistic pass")
+
+    def _check_pass(self, state: S, pass_index: int) -> None:
+        if state.done:
+            raise RuntimeError(f"{self.name}: {state.key!r} needs no more passes")
+        if pass_index != state.pass_index:
+            raise ValueError(f"{self.name}: pass {pass_index} given, the state is at pass {state.pass_index}")
+
+    def others(self, n_inputs: int) -> list[int]:
+        """Input indices other than the base, in input order."""
+        return [i for i in range(n_inputs) if i != self.base]
+
+    def __repr__(self) -> str:
+        base = "" if self.base is None else f", base={self.base}"
+        return f"{type(self).__name__}({self.params!r}{base})"
+
+
+def input_weights(method: str, weights: tuple[float, ...] | None, count: int) -> tuple[float, ...]:
+    """`weights` checked against the number of inputs they apply to (None: all 1.0)."""
+    if weights is None:
+        return (1.0,) * count
+    if len(weights) != count:
+        raise UsageError(f"{method}: parameter 'weights' has {len(weights)} values for {count} input models")
+    return weights

@@ -1,0 +1,746 @@
+"""The merge-method library against independent whole-tensor float64 references.
+
+Each method runs through a tiny driver that splits the tensor into chunks (1 element, 7,
+1000, whole), runs the statistic passes (chunks shuffled, optionally split between two
+pickled copies of the state merged with merge_states) and the output. A `read` hands out
+a fresh copy per call and poisons the previous one with NaN, so a method that keeps a
+read tensor past the next read fails loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import pickle
+import random
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from astolfo_dist.errors import UsageError
+from astolfo_dist.recipe.library import REGISTRY, build
+from astolfo_dist.recipe.library._exact import ExactSum
+from astolfo_dist.recipe.library._select import COLLECT_CAP, Selection
+from astolfo_dist.recipe.library.base import Method
+from astolfo_dist.recipe.library.breadcrumbs import Breadcrumbs, BreadcrumbsParams
+from astolfo_dist.recipe.library.dare import Dare, DareParams
+from astolfo_dist.recipe.library.della import Della, DellaParams
+from astolfo_dist.recipe.library.geometric_median import GeometricMedian, GeometricMedianParams
+from astolfo_dist.recipe.library.model_stock import ModelStock
+from astolfo_dist.recipe.library.slerp import Slerp, SlerpParams
+from astolfo_dist.recipe.library.task_arithmetic import TaskArithmeticParams
+from astolfo_dist.recipe.library.ties import Ties, TiesParams
+from astolfo_dist.recipe.rng import uniform01
+from astolfo_dist.recipe.stats import exact_topk_mask
+
+SOURCES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+class Reader:
+    """read(i): chunk i of input i, a fresh copy; the previous copy is poisoned."""
+
+    def __init__(self, xs: list[torch.Tensor], start: int, n: int) -> None:
+        self.xs, self.start, self.n = xs, start, n
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if self.last is not None:
+            self.last.fill_(math.nan)
+        self.last = self.xs[i][self.start : self.start + self.n].clone()
+        return self.last
+
+
+def run(
+    method: Method,
+    xs: list[torch.Tensor],
+    chunk: int,
+    *,
+    key: str = "model.layer.weight",
+    split: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """Output (flat, accumulator dtype) and the number of statistic passes."""
+    numel = xs[0].numel()
+    rnd = random.Random(seed)
+    state = method.begin(key, numel, len(xs))
+    starts = list(range(0, numel, chunk))
+    passes = 0
+    while not method.ready(state):
+        assert passes < method.tensor_passes
+        rnd.shuffle(starts)
+        if split:  # two workers with pickled copies of the pass-start state
+            parts = [pickle.loads(pickle.dumps(state)) for _ in range(2)]
+            for s in starts:
+                method.observe(parts[rnd.randrange(2)], passes, s, Reader(xs, s, chunk))
+            state = method.merge_states(parts[0], parts[1])
+        else:
+            for s in starts:
+                method.observe(state, passes, s, Reader(xs, s, chunk))
+        method.end_pass(state, passes)
+        passes += 1
+    out = torch.full((numel,), math.nan, dtype=xs[0].dtype)
+    rnd.shuffle(starts)
+    for s in starts:
+        n = min(chunk, numel - s)
+        buf = torch.empty(n, dtype=xs[0].dtype)
+        method.output(state, s, Reader(xs, s, chunk), buf)
+        out[s : s + n] = buf
+    return out, passes
+
+
+def chunk_sizes(numel: int) -> list[int]:
+    sizes = [1] if numel <= 64 else []
+    if numel <= 2500:
+        sizes.append(7)
+    return [*sizes, 1000, max(numel, 1)]
+
+
+def run_all(method: Method, xs: list[torch.Tensor], key: str = "model.layer.weight") -> torch.Tensor:
+    """Run every chunking (and a split run); assert they agree bit for bit; return the output."""
+    numel = xs[0].numel()
+    outs = [run(method, xs, c, key=key, seed=c) for c in chunk_sizes(numel)]
+    outs.append(run(method, xs, 7 if numel <= 2500 else 1000, key=key, split=True, seed=99))
+    first = outs[0][0]
+    for out, _ in outs[1:]:
+        assert bits_equal(out, first), "output depends on the chunking or the split"
+    return first
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    int_dtype = torch.int64 if a.dtype == torch.float64 else torch.int32
+    return a.dtype == b.dtype and torch.equal(a.view(int_dtype), b.view(int_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def source_cast(x: torch.Tensor, rnd: random.Random) -> torch.Tensor:
+    """Round to a random source dtype, back to float64 (as a checkpoint would hold it)."""
+    return x.to(rnd.choice(SOURCES)).to(torch.float64)
+
+
+def plain_inputs(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [source_cast(torch.randn(shape, generator=gen, dtype=torch.float64), rnd).reshape(-1) for _ in range(n)]
+
+
+def task_inputs(n_models: int, shape: tuple[int, ...], seed: int, kind: str = "normal") -> list[torch.Tensor]:
+    """[base, x_1, ..., x_n]: a base and fine-tunes of it (deltas with zeros or repeated values)."""
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    base = source_cast(torch.randn(shape, generator=gen, dtype=torch.float64) * 0.05, rnd)
+    out = [base.reshape(-1)]
+    for _ in range(n_models):
+        if kind == "repeated":  # few distinct deltas: heavy ties at nonzero magnitudes
+            delta = torch.randint(-3, 4, shape, generator=gen).double() * 2.0**-7
+        else:
+            delta = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.01
+            delta[torch.rand(shape, generator=gen) < 0.2] = 0.0  # untouched weights
+        x = base + delta
+        out.append((x if kind == "repeated" else source_cast(x, rnd)).reshape(-1))
+    return out
+
+
+CASES = [(2, (5,)), (3, (7, 3)), (5, (33, 17)), (16, (101,)), (3, (64, 130))]
+
+
+def case_id(case: tuple[int, tuple[int, ...]]) -> str:
+    return f"n{case[0]}-{'x'.join(map(str, case[1]))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 references (whole tensors, plain torch)
+
+
+def ordered_sum(values) -> float:
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def ref_weighted_sum(xs, weights):
+    acc = xs[0] * weights[0]
+    for x, w in zip(xs[1:], weights[1:], strict=True):
+        acc = acc + x * w
+    return acc
+
+
+def ceil_fraction(numel: int, frac: float) -> int:
+    return min(numel, math.ceil(Fraction(str(frac)) * numel))
+
+
+def top_by_magnitude(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Rank 0 = the largest |d|; equal magnitudes in element-index order (a stable sort)."""
+    order = torch.sort(-d.abs(), stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(d.numel())
+    return rank < k
+
+
+def ref_combine(base, deltas, weights, lam, normalize, election, consensus="sum"):
+    d = [delta * w for delta, w in zip(deltas, weights, strict=True)]
+    if election:
+        score = torch.zeros_like(base)
+        for x in d:
+            score = score + (x if consensus == "sum" else torch.sign(x))
+        plus = score >= 0
+        agree = [torch.where(plus, x > 0, x < 0) for x in d]
+    else:
+        agree = [torch.ones_like(base, dtype=torch.bool) for _ in d]
+    mix = torch.zeros_like(base)
+    for x, a in zip(d, agree, strict=True):
+        mix = mix + torch.where(a, x, 0.0)
+    if normalize:
+        if election:
+            div = torch.zeros_like(base)
+            for a, w in zip(agree, weights, strict=True):
+                div = div + a.double() * w
+            mix = mix / torch.where(div == 0, 1.0, div)
+        else:
+            total = ordered_sum(weights)
+            mix = mix / (total if total != 0 else 1.0)
+    return mix * lam + base
+
+
+def fsum_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return math.fsum((a * b).tolist())
+
+
+def ref_slerp(a, b, t, threshold=0.9995):
+    na, nb = math.sqrt(fsum_dot(a, a)), math.sqrt(fsum_dot(b, b))
+    cos = 2.0 if na == 0 or nb == 0 else min(1.0, max(-1.0, fsum_dot(a, b) / na / nb))
+    if abs(cos) > threshold:
+        s0, s1 = 1.0 - t, t
+    else:
+        theta = math.acos(cos)
+        s0, s1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return a * s0 + b * s1, cos
+
+
+def ref_model_stock(base, xs):
+    n = len(xs)
+    d = [x - base for x in xs]
+    norms = [math.sqrt(fsum_dot(v, v)) for v in d]
+    cosines = [
+        0.0 if norms[j] == 0 or norms[k] == 0 else fsum_dot(d[j], d[k]) / norms[j] / norms[k]
+        for j in range(n)
+        for k in range(j + 1, n)
+    ]
+    cos = min(1.0, max(-1.0, math.fsum(cosines) / len(cosines)))
+    t = n * cos / (1 + (n - 1) * cos) if 1 + (n - 1) * cos > 0 else 0.0
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total / n * t + base * (1 - t), t
+
+
+def ref_weiszfeld(xs, eps, maxiter, tol, exact: bool):
+    """exact=True: the documented arithmetic (fsum distances); False: torch.linalg norms."""
+    n = len(xs)
+    w = [1.0 / n] * n
+
+    def estimate(w):
+        z = xs[0] * w[0]
+        for x, wi in zip(xs[1:], w[1:], strict=True):
+            z = z + x * wi
+        return z / ordered_sum(w)
+
+    for _ in range(maxiter):
+        z = estimate(w)
+        if exact:
+            dist = [math.sqrt(fsum_dot(x - z, x - z)) for x in xs]
+        else:
+            dist = torch.linalg.vector_norm(torch.stack(xs) - z, dim=1).tolist()
+        inv = [1.0 / max(eps, v) for v in dist]
+        new = [v / math.fsum(inv) for v in inv]
+        change = max(abs(a - b / math.fsum(w)) for a, b in zip(new, w, strict=True))
+        w = new
+        if change < tol:
+            break
+    return estimate(w)
+
+
+def della_probs(d: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    bins = torch.from_numpy((np.abs(d.numpy()).astype(np.float32).view(np.uint32) >> 19).astype(np.int64))
+    counts = torch.bincount(bins, minlength=4096)
+    below = torch.cumsum(counts, 0) - counts
+    n = d.numel()
+    r = (2 * below[bins] + counts[bins] - 1).double() / (2 * (n - 1)) if n > 1 else torch.full_like(d, 0.5)
+    return ((density - epsilon / 2) + r * epsilon).clamp(max=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise methods
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_weighted_sum_uniform_add_difference(case):
+    n, shape = case
+    xs = plain_inputs(max(n, 3), shape, seed=n)
+    rnd = random.Random(n)
+    weights = [rnd.uniform(-0.5, 1.5) for _ in xs]
+    out = run_all(build("weighted_sum", {"weights": weights}), xs)
+    assert bits_equal(out, ref_weighted_sum(xs, weights))
+    out = run_all(build("weighted_sum", {"weights": weights, "normalize": True}), xs)
+    assert bits_equal(out, ref_weighted_sum(xs, weights) / ordered_sum(weights))
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    assert bits_equal(run_all(build("uniform"), xs), total / len(xs))
+    a, b, c = xs[:3]
+    assert bits_equal(run_all(build("add_difference", {"alpha": 0.7}), [a, b, c]), (b - c) * 0.7 + a)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_task_arithmetic(case):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=10 + n)
+    weights = [0.3 + 0.1 * i for i in range(n)]
+    for normalize in (False, True):
+        method = build("task_arithmetic", {"weights": weights, "lambda": 0.9, "normalize": normalize}, base=0)
+        out = run_all(method, xs)
+        ref = ref_combine(xs[0], [x - xs[0] for x in xs[1:]], weights, 0.9, normalize, election=False)
+        assert bits_equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact selections: ties, breadcrumbs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("kind", ["normal", "repeated"])
+def test_ties(case, kind):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=20 + n, kind=kind)
+    base = xs[0]
+    numel = base.numel()
+    weights = [1.0 - 0.05 * i for i in range(n)]
+    for density, consensus, normalize in ((0.3, "sum", None), (0.1, "count", False), (0.75, "sum", True)):
+        params = {"density": density, "weights": weights, "lambda": 1.2, "consensus": consensus}
+        if normalize is not None:
+            params["normalize"] = normalize
+        out = run_all(build("ties", params, base=0), xs)
+        k = ceil_fraction(numel, density)
+        deltas = [torch.where(top_by_magnitude(x - base, k), x - base, 0.0) for x in xs[1:]]
+        norm = True if normalize is None else normalize
+        ref = ref_combine(base, deltas, weights, 1.2, norm, election=True, consensus=consensus)
+        assert bits_equal(out, ref), (density, consensus)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_breadcrumbs(case):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=30 + n, kind="repeated" if n == 5 else "normal")
+    base = xs[0]
+    numel = base.numel()
+    for beta, gamma, election in ((0.1, 0.5, False), (0.01, 0.9, True), (0.0, 0.3, False)):
+        method = build("breadcrumbs", {"beta": beta, "gamma": gamma, "sign_election": election}, base=0)
+        out = run_all(method, xs)
+        top = ceil_fraction(numel, beta)
+        keep = max(top, numel - ceil_fraction(numel, gamma))
+        deltas = []
+        for x in xs[1:]:
+            d = x - base
+            band = top_by_magnitude(d, keep) & ~top_by_magnitude(d, top)
+            deltas.append(torch.where(band, d, 0.0))
+        ref = ref_combine(base, deltas, [1.0] * n, 1.0, election, election=election)
+        assert bits_equal(out, ref), (beta, gamma, election)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random methods: dare, della
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dare(case):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=40 + n)
+    base, numel, key = xs[0], xs[0].numel(), "unet.block.3.weight"
+    for density, election, rescale in ((0.3, False, True), (0.6, True, True), (0.5, False, False)):
+        params = {"density": density, "sign_election": election, "rescale": rescale, "seed": 7}
+        out = run_all(build("dare", params, base=0), xs, key=key)
+        deltas = []
+        for i, x in enumerate(xs[1:], start=1):
+            kept = torch.where(uniform01(7, i, key, 0, numel) < density, x - base, 0.0)
+            deltas.append(kept / density if rescale else kept)
+        ref = ref_combine(base, deltas, [1.0] * n, 1.0, election, election=election)
+        assert bits_equal(out, ref), (density, election, rescale)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_della(case):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=50 + n)
+    base, numel, key = xs[0], xs[0].numel(), "text.layers.0.mlp.weight"
+    for density, epsilon, election in ((0.5, 0.2, True), (0.3, 0.1, False), (0.4, 0.0, False)):
+        params = {"density": density, "epsilon": epsilon, "sign_election": election, "seed": 3}
+        out = run_all(build("della", params, base=0), xs, key=key)
+        deltas = []
+        for i, x in enumerate(xs[1:], start=1):
+            d = x - base
+            p = della_probs(d, density, epsilon)
+            deltas.append(torch.where(uniform01(3, i, key, 0, numel) < p, d, 0.0) / p)
+        ref = ref_combine(base, deltas, [1.0] * n, 1.0, election, election=election)
+        assert bits_equal(out, ref), (density, epsilon, election)
+
+
+def test_della_probabilities_follow_rank():
+    """Keep probabilities rise with |delta| from density - eps/2 to density + eps/2 (bin mid-ranks)."""
+    d = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.01
+    p = della_probs(d, 0.5, 0.2)
+    order = torch.argsort(d.abs())
+    assert bool((p[order][1:] >= p[order][:-1]).all())
+    assert 0.4 <= float(p.min()) < 0.401 and 0.599 < float(p.max()) <= 0.6 + 1e-15
+    exact = 0.4 + 0.2 * torch.argsort(order).double() / (d.numel() - 1)
+    assert float((p - exact).abs().max()) < 0.2 * 0.02  # bin share of a Gaussian: under 2%
+
+
+def test_dare_masks_differ_between_inputs_and_tensors():
+    method = Dare(DareParams(density=0.5), base=0)
+    numel = 4096
+
+    def kept(key: str, j: int, i: int, start: int = 0, count: int = numel) -> torch.Tensor:
+        state = method.begin(key, numel, 4)
+        d = torch.ones(count, dtype=torch.float64)
+        method.sparsify(state, j, i, start, d)
+        return d != 0
+
+    a, b, c = kept("w1", 0, 1), kept("w1", 1, 2), kept("w2", 0, 1)
+    for m in (a, b, c):
+        assert 0.45 < float(m.double().mean()) < 0.55
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    assert float((a == b).double().mean()) < 0.56  # independent, not shifted copies
+    assert torch.equal(kept("w1", 0, 1), a)
+    assert torch.equal(kept("w1", 0, 1, 1000, 77), a[1000:1077])  # a chunk sees its slice
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+def test_density_one_without_election_is_task_arithmetic(case):
+    n, shape = case
+    xs = task_inputs(n, shape, seed=60 + n)
+    weights = [0.5 + 0.25 * i for i in range(n)]
+    common = {"weights": weights, "lambda": 0.8}
+    ta = run_all(build("task_arithmetic", common, base=0), xs)
+    ties = Ties(TiesParams(density=1.0, sign_election=False, weights=tuple(weights), lambda_=0.8), base=0)
+    dare = Dare(DareParams(density=1.0, weights=tuple(weights), lambda_=0.8, seed=5), base=0)
+    della = Della(
+        DellaParams(density=1.0, epsilon=0.0, sign_election=False, weights=tuple(weights), lambda_=0.8), base=0
+    )
+    crumbs = Breadcrumbs(BreadcrumbsParams(beta=0.0, gamma=0.0, weights=tuple(weights), lambda_=0.8), base=0)
+    assert ties.tensor_passes == 0 and dare.tensor_passes == 0 and della.tensor_passes == 0
+    for method in (ties, dare, della, crumbs):
+        assert bits_equal(run_all(method, xs), ta), method.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistic methods: slerp, model_stock, geometric_median
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_slerp(case):
+    _, shape = case
+    a, b = plain_inputs(2, shape, seed=70 + len(shape))
+    for t in (0.0, 0.3, 0.5, 1.0):
+        out = run_all(Slerp(SlerpParams(t=t)), [a, b])
+        ref, _ = ref_slerp(a, b, t)
+        assert bits_equal(out, ref), t
+    # Nearly parallel: the documented linear fallback.
+    b2 = a + a.abs() * 1e-3
+    assert bits_equal(run_all(build("slerp", {"alpha": 0.25}), [a, b2]), a * 0.75 + b2 * 0.25)
+    # The geometry: between vectors of equal norm, the result is at angle t * theta from a.
+    if a.numel() > 100:
+        t = 0.3
+        b = b * math.sqrt(fsum_dot(a, a) / fsum_dot(b, b))
+        out = run(Slerp(SlerpParams(t=t)), [a, b], 1000)[0]
+
+        def angle(u, v):
+            return math.acos(fsum_dot(u, v) / math.sqrt(fsum_dot(u, u) * fsum_dot(v, v)))
+
+        assert abs(angle(a, out) - t * angle(a, b)) < 1e-9
+        assert abs(angle(out, b) - (1 - t) * angle(a, b)) < 1e-9
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_model_stock(case):
+    n, shape = case
+    n = max(n, 2)
+    xs = task_inputs(n, shape, seed=80 + n)
+    method = ModelStock(base=0)
+    out = run_all(method, xs)
+    ref, t = ref_model_stock(xs[0], xs[1:])
+    assert bits_equal(out, ref)
+    state = method.begin("k", xs[0].numel(), len(xs))
+    for s in range(0, xs[0].numel(), 1000):
+        method.observe(state, 0, s, Reader(xs, s, 1000))
+    method.end_pass(state, 0)
+    assert state.t == t
+    # The base need not be input 0.
+    moved = [*xs[1:], xs[0]]
+    assert bits_equal(run(ModelStock(base=len(xs) - 1), moved, 1000)[0], ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_geometric_median(case):
+    n, shape = case
+    xs = plain_inputs(n, shape, seed=90 + n)
+    xs[0] = xs[0] * 5  # an outlier for the median to resist
+    params = GeometricMedianParams(eps=1e-9, maxiter=12, tol=1e-8)
+    out = run_all(GeometricMedian(params), xs)
+    assert bits_equal(out, ref_weiszfeld(xs, 1e-9, 12, 1e-8, exact=True))
+    approx = ref_weiszfeld(xs, 1e-9, 12, 1e-8, exact=False)
+    scale = max(float(x.abs().max()) for x in xs)
+    assert float((out - approx).abs().max()) <= 10 * n * 1e-8 * scale
+    # It descends: the sum of distances is at most the mean's.
+    mean = sum(xs) / n
+
+    def cost(z):
+        return sum(math.sqrt(fsum_dot(x - z, x - z)) for x in xs)
+
+    assert cost(out) <= cost(mean) * (1 + 1e-12)
+
+
+def test_geometric_median_stops_early_on_tol():
+    xs = plain_inputs(4, (300,), seed=5)
+    method = GeometricMedian(GeometricMedianParams(maxiter=500, tol=1e-3))
+    _, passes = run(method, xs, 64)
+    assert 1 <= passes < 50
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 accumulation: within an ulp of the output dtype (plus the cancellation bound)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bits = {torch.float16: (11, -24), torch.bfloat16: (8, -133), torch.float32: (24, -149)}[dtype]
+    _, e = torch.frexp(x.abs())
+    return torch.ldexp(torch.ones_like(x), torch.clamp(e.to(torch.int64) - bits[0], min=bits[1]))
+
+
+def assert_close_ulp(got32: torch.Tensor, ref64: torch.Tensor, scale: torch.Tensor, n_ops: int, out_dtype) -> None:
+    got = got32.to(out_dtype).double()
+    ref = ref64.to(out_dtype).double()
+    bound = ulp(ref64, out_dtype) + n_ops * 2.0**-24 * scale
+    assert bool(((got - ref).abs() <= bound).all()), float(((got - ref).abs() - bound).max())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_float32_accumulator(out_dtype):
+    n, shape = 6, (37, 29)
+    xs = plain_inputs(n, shape, seed=3)
+    xs32 = [x.float() for x in xs]  # exact: the sources are at most float32
+    weights = [0.1 * (i + 1) for i in range(n)]
+    scale = sum(x.abs() * w for x, w in zip(xs, weights, strict=True))
+    out = run_all(build("weighted_sum", {"weights": weights}), xs32)
+    assert out.dtype == torch.float32
+    assert_close_ulp(out, ref_weighted_sum(xs, weights), scale, 2 * n, out_dtype)
+    out = run_all(build("uniform"), xs32)
+    assert_close_ulp(out, sum(xs) / n, sum(x.abs() for x in xs) / n, n + 1, out_dtype)
+    out = run_all(Slerp(SlerpParams(t=0.4)), xs32[:2])
+    ref, _ = ref_slerp(xs[0], xs[1], 0.4)
+    assert_close_ulp(out, ref, xs[0].abs() + xs[1].abs(), 4, out_dtype)
+    txs = task_inputs(4, shape, seed=4)
+    txs32 = [x.float() for x in txs]
+    out = run_all(ModelStock(base=0), txs32)
+    ref, _ = ref_model_stock(txs[0], txs[1:])
+    assert_close_ulp(out, ref, sum(x.abs() for x in txs), 10, out_dtype)
+    out = run_all(build("task_arithmetic", {"weights": [0.5, 1.0, 1.5, 0.25]}, base=0), txs32)
+    ref = ref_combine(txs[0], [x - txs[0] for x in txs[1:]], [0.5, 1.0, 1.5, 0.25], 1.0, False, False)
+    assert_close_ulp(out, ref, sum(x.abs() for x in txs) * 1.5, 12, out_dtype)
+    out = run_all(GeometricMedian(GeometricMedianParams(maxiter=6, tol=0.0)), xs32)
+    ref = ref_weiszfeld(xs, 1e-6, 6, 0.0, exact=True)
+    assert_close_ulp(out, ref, sum(x.abs() for x in xs), 4 * n, out_dtype)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare", "della"])
+def test_float32_selections_are_chunking_invariant(name):
+    """Selections and masks over float32 deltas: no float64 reference, but bit-identical runs."""
+    txs32 = [x.float() for x in task_inputs(4, (37, 29), seed=4)]
+    params = {"ties": {"density": 0.3}}.get(name, {})
+    assert run_all(build(name, params, base=0), txs32).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The building blocks: exact sums and the mergeable selection
+
+
+def test_exact_sum_is_exact_and_order_free():
+    rnd = random.Random(1)
+    torch.manual_seed(1)
+    for trial in range(40):
+        n = rnd.choice([1, 3, 100, 3000])
+        x = torch.randn(n, dtype=torch.float64) * torch.pow(10.0, torch.empty(n).uniform_(-300, 300).double())
+        if trial % 3 == 0:
+            x[::2] = 1e-310  # subnormals
+        total = ExactSum()
+        total.add(x)
+        assert Fraction(total.total, 2**1126) == sum(Fraction(v) for v in x.tolist())
+        parts = [ExactSum() for _ in range(3)]
+        cuts = sorted(rnd.randrange(n + 1) for _ in range(2))
+        for p, piece in zip(parts, (x[: cuts[0]], x[cuts[0] : cuts[1]], x[cuts[1] :]), strict=True):
+            p.add(piece)
+        parts[2].merge(parts[0])
+        parts[2].merge(parts[1])
+        assert parts[2].value() == total.value()
+    big = ExactSum()
+    big.add(torch.tensor([1e308, 1e308], dtype=torch.float64))
+    assert big.value() == math.inf
+    nan = ExactSum()
+    nan.add(torch.tensor([math.inf, 1.0], dtype=torch.float64))
+    other = ExactSum()
+    other.add(torch.tensor([-math.inf], dtype=torch.float64))
+    nan.merge(other)
+    assert math.isnan(nan.value())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_matches_stats(dtype):
+    """The mergeable selection keeps exactly what stats.py's sequential selection keeps."""
+    rnd = random.Random(2)
+    torch.manual_seed(2)
+    for _ in range(25):
+        numel = rnd.choice([3, 500, COLLECT_CAP + 1, 6000])
+        x = torch.randn(numel, dtype=torch.float64)
+        kind = rnd.choice(["normal", "zeros", "repeated"])
+        if kind == "zeros":
+            x[torch.rand(numel) < 0.7] = 0.0
+        elif kind == "repeated":
+            x = torch.randint(-3, 4, (numel,)).double()
+        x = x.to(dtype)
+        k = rnd.randrange(numel + 1)
+        sel = Selection(numel, k)
+        chunk = rnd.choice([7, 1000, numel])
+        starts = list(range(0, numel, chunk))
+        while not sel.done:
+            rnd.shuffle(starts)
+            halves = [copy.deepcopy(sel), copy.deepcopy(sel)]
+            for s in starts:
+                halves[rnd.randrange(2)].feed(x[s : s + chunk], s)
+            halves[0].merge(halves[1])
+            sel = halves[0]
+            sel.end_pass()
+        ref = exact_topk_mask(lambda x=x: iter(x.split(1000)), numel, k)
+        got = torch.cat([sel.mask(x[s : s + chunk], s) for s in range(0, numel, chunk)])
+        assert torch.equal(got, ref(x, 0)), (numel, k, kind)
+        assert dataclasses.replace(sel.result, passes=0) == dataclasses.replace(ref.result, passes=0)
+        assert sel.result.n_greater + sel.result.n_equal_to_keep == k
+        assert sel.result.passes <= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: states are small and do not grow with the tensor
+
+
+def state_bytes(obj, seen=None) -> int:
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() + 64
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return 64 + sum(state_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sys.getsizeof(obj) + sum(state_bytes(v, seen) for v in obj)
+    return sys.getsizeof(obj)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "della", "slerp", "model_stock", "geometric_median"])
+def test_state_stays_small(name):
+    params = {"geometric_median": {"maxiter": 3, "tol": 0.0}}.get(name, {})
+    n_models = 2 if name == "slerp" else 4
+    sizes = []
+    for numel in (3000, 300_000):
+        shape = (numel,)
+        xs = plain_inputs(2, shape, 1) if name == "slerp" else task_inputs(n_models - 1, shape, seed=2)
+        if name == "geometric_median":
+            xs = plain_inputs(n_models, shape, 3)
+        method = REGISTRY[name].from_params(params, base=0 if REGISTRY[name].uses_base else None)
+        state = method.begin("k", numel, len(xs))
+        p, peak = 0, state_bytes(state)
+        while not method.ready(state):
+            for s in range(0, numel, 50_000):
+                method.observe(state, p, s, Reader(xs, s, 50_000))
+                peak = max(peak, state_bytes(state))
+            method.end_pass(state, p)
+            peak = max(peak, state_bytes(state))
+            p += 1
+        sizes.append(peak)
+    per_input = 2 * 3 * 8 * 1024 + 4096  # two selections of 3 x 1024 int64 at most, per input
+    assert max(sizes) <= n_models * per_input, sizes
+    assert sizes[1] <= sizes[0] + 64 * 1024, sizes  # no growth with numel beyond the fixed histograms
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, registry, validation
+
+
+def test_registry_and_aliases():
+    assert set(REGISTRY) == {
+        "weighted_sum", "uniform", "add_difference", "task_arithmetic", "ties", "dare", "della",
+        "breadcrumbs", "slerp", "model_stock", "geometric_median",
+    }  # fmt: skip
+    assert build("ties", {"k": 0.4, "lambda": 0.5}, base=0).params == TiesParams(density=0.4, lambda_=0.5)
+    assert build("slerp", {"alpha": 0.2}).params.t == 0.2
+    assert build("task_arithmetic", {"scale": 2}, base=1).params == TaskArithmeticParams(lambda_=2.0)
+    assert build("weighted_sum", {"weights": [1, 2]}).params.weights == (1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "base", "words"),
+    [
+        ("ties", {"density": 1.5}, 0, ["ties", "density"]),
+        ("ties", {"consensus": "mass"}, 0, ["ties", "consensus"]),
+        ("dare", {"density": 0.0}, 0, ["dare", "density"]),
+        ("dare", {"seed": -1}, 0, ["dare", "seed"]),
+        ("della", {"density": 0.9, "epsilon": 0.4}, 0, ["della", "epsilon"]),
+        ("breadcrumbs", {"beta": 0.6, "gamma": 0.6}, 0, ["breadcrumbs", "gamma"]),
+        ("slerp", {"t": 2}, None, ["slerp", "t"]),
+        ("geometric_median", {"maxiter": -1}, None, ["geometric_median", "maxiter"]),
+        ("geometric_median", {"eps": 0}, None, ["geometric_median", "eps"]),
+        ("task_arithmetic", {"lambda": float("nan")}, 0, ["task_arithmetic", "lambda"]),
+        ("task_arithmetic", {"normalize": "yes"}, 0, ["task_arithmetic", "normalize"]),
+        ("weighted_sum", {"weights": [1, "a"]}, None, ["weighted_sum", "weights"]),
+        ("ties", {"densty": 0.5}, 0, ["ties", "densty"]),
+        ("ties", {}, None, ["ties", "base"]),
+        ("slerp", {}, 0, ["slerp", "base"]),
+        ("nope", {}, None, ["nope"]),
+    ],
+)
+def test_validation_names_method_and_field(name, params, base, words):
+    with pytest.raises(UsageError) as err:
+        build(name, params, base=base)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_input_counts_are_checked():
+    with pytest.raises(UsageError, match="weights"):
+        build("task_arithmetic", {"weights": [1.0, 2.0]}, base=0).begin("k", 10, 4)
+    with pytest.raises(UsageError, match="exactly 2"):
+        build("slerp").begin("k", 10, 3)
+    with pytest.raises(UsageError, match="at least 3"):
+        ModelStock(base=0).begin("k", 10, 2)
+    with pytest.raises(UsageError, match="base index"):
+        build("ties", base=5).begin("k", 10, 3)
+
+
+def test_driver_errors_are_caught():
+    xs = task_inputs(2, (50,), seed=1)
+    method = Ties(TiesParams(density=0.5), base=0)
+    state = method.begin("k", 50, 3)
+    method.observe(state, 0, 0, Reader(xs, 0, 25))
+    with pytest.raises(ValueError, match="observed 25"):
+        method.end_pass(state, 0)
+    with pytest.raises(ValueError, match="pass 1"):
+        method.observe(state, 1, 25, Reader(xs, 25, 25))
