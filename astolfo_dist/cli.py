@@ -9,11 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from . import __version__
 from .budget import parse_size
 from .errors import AstolfoError
 from .executors.ray import SINKS
 from .merge import DEFAULT_CHUNK_MB, EXECUTORS, MergeResult
+from .recipe.library import REGISTRY as METHODS
 from .recipe.spec import ACCUMULATE_CHOICES, DTYPE_CHOICES, KEY_POLICIES
 
 log = logging.getLogger("astolfo_dist")
@@ -31,6 +34,17 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _param(text: str) -> tuple[str, object]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw)  # numbers, true/false, lists [0.5, 0.5], strings
+    except yaml.YAMLError:
+        value = raw
+    return name.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="accumulator: auto = fp32 for fp16/fp8 outputs, fp64 for bf16/fp32/fp64 outputs",
     )
+    m.add_argument("--method", help="merge method (default: uniform, or weighted_sum with --weights); "
+                   "one of: " + ", ".join(sorted(METHODS)))
+    m.add_argument("--base", metavar="MODEL", help="base model of task-vector methods (ties, dare, ...)")
+    m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_param,
+                   help="a method parameter, repeatable (e.g. --set density=0.2 --set seed=7)")
     m.add_argument("--drop", action="append", default=[], metavar="REGEX", help="drop keys matching (repeatable)")
     m.add_argument(
         "--replace", action="append", default=[], metavar="PREFIX=MODEL", help="copy keys under PREFIX from MODEL"
@@ -122,6 +141,9 @@ def _run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             resume=args.resume,
             memory=args.memory,
+            method=args.method,
+            base=args.base,
+            params=dict(args.set),
             object_store_mb=args.object_store_mb,
             writer_inflight_mb=args.writer_inflight_mb,
             workers=args.workers,

@@ -74,7 +74,7 @@ class Inputs:
         self.readers: dict[str, RangeReader] = {}
         self.headers: dict[str, Header] = {}
         try:
-            self.models = [resolve_model(m, cache_dir) for m in recipe.models]
+            self.models = [resolve_model(m, cache_dir) for m in recipe.inputs]
             donor_names = list(dict.fromkeys(donor for _prefix, donor in recipe.replace))
             self.donors = [resolve_model(d, cache_dir) for d in donor_names]
             for model in self.models + self.donors:
@@ -138,6 +138,9 @@ def merge(
     memory: int | str | None = None,
     object_store_mb: float | None = None,
     writer_inflight_mb: float | None = None,
+    method: str | None = None,
+    base: str | None = None,
+    params: dict[str, object] | None = None,
 ) -> MergeResult:
     """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
     of Hugging Face style shards and their index).
@@ -156,7 +159,12 @@ def merge(
         accumulate=accumulate,
         drop=tuple(drop),
         replace=_parse_replace(replace),
+        method_name=method or "",
+        params=tuple(sorted((params or {}).items())),
+        base=str(base) if base else None,
     )
+    if base and not method:
+        raise UsageError("--base needs --method (a task-vector method such as ties, dare, task_arithmetic)")
     if chunk_mb is not None and chunk_mb <= 0:
         raise UsageError("--chunk-mb must be positive")
     try:

@@ -45,6 +45,9 @@ class PlannedTensor:
     weights: tuple[float, ...] = ()  # reduce: normalised weights, one per source
     accumulator: str = "F32"  # reduce: the accumulation dtype
     file: int = 0  # index into plan.outputs
+    method: str = ""  # a recipe.library method run over the whole tensor; "" = the streaming weighted sum
+    params: tuple[tuple[str, object], ...] = ()
+    base: int | None = None  # index of the base among `sources`
 
     @property
     def numel(self) -> int:
@@ -272,7 +275,8 @@ def build_plan(
                 )
         sources = tuple(_source(i, tensors_of[i][key]) for i in present)
         if first.info.dtype.reducible:
-            weights = recipe.normalised_weights(present)
+            # Library methods take their weights among their parameters.
+            weights = () if recipe.method_name else recipe.normalised_weights(present)
             planned[key] = ("reduce", sources, weights, first.info.dtype, first.info.shape)
         else:
             if len({s.dtype for s in sources}) > 1:
@@ -302,6 +306,8 @@ def build_plan(
         for m in models
     )
     metadata = _metadata(recipe, model_infos, extra_metadata or {})
+    method_params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                 for k, v in recipe.method_params().items()))
     groups = _split_files(order, {k: out_dtype[k].nbytes(_numel(planned[k][4])) or 0 for k in order}, shard_size)
     outputs: list[OutputLayout] = []
     tensors: list[PlannedTensor] = []
@@ -313,9 +319,11 @@ def build_plan(
             op, sources, weights, _first, shape = planned[key]
             dt = out_dtype[key].name
             acc = _accumulator(recipe, dt) if op == "reduce" else ""
+            by_method = op == "reduce" and bool(recipe.method_name)
             tensors.append(
                 PlannedTensor(key, shape, dt, len(header) + begin, len(header) + end, op, sources, weights, acc,
-                              file_index)
+                              file_index, recipe.method_name if by_method else "",
+                              method_params if by_method else (), recipe.base_index if by_method else None)
             )
     files = dict.fromkeys(f for m in models for f in m.files)
     checks = tuple(InputCheck(f, headers[f].file_size, headers[f].digest) for f in files)

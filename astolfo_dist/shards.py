@@ -52,6 +52,14 @@ def make_shards(plan: Plan, target_bytes: int | None = None) -> list[Shard]:
         if units == 0:
             pieces.append(Piece(index, 0, 0))
             continue
+        if tensor.method:
+            # A library method streams over the whole tensor (statistic passes, then output)
+            # inside one task, so its state never travels: one piece, whatever its size.
+            pieces.append(Piece(index, 0, units))
+            cost += units * per_unit
+            if cost >= target:
+                close()
+            continue
         while start < units:
             room = max(1, int((target - cost) / per_unit))
             stop = min(units, start + room)

@@ -116,6 +116,9 @@ def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardR
     result = ShardResult(shard.index)
     for piece in shard.pieces:
         tensor = ctx.plan.tensors[piece.tensor]
+        if tensor.method:
+            _method_tensor(ctx, tensor, buffers, result)
+            continue
         step = ctx.chunk_elems if tensor.op == "reduce" else ctx.chunk_elems * 4
         for start in range(piece.start, piece.stop, step):
             if ctx.cancel.is_set():
@@ -195,6 +198,54 @@ def _reduce_chunk(
     nbytes = n * out_dt.itemsize
     _emit(ctx, tensor, start * out_dt.itemsize, buffers.out.bytes[:nbytes], result)
     return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
+
+
+def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:
+    """A recipe.library method over one whole tensor: its statistic passes over every chunk
+    (the state stays O(inputs), never O(elements)), then the output chunk by chunk. Each
+    `read(i)` re-reads input i's chunk into one scratch tensor in the accumulator dtype."""
+    from .recipe.library import build
+
+    method = build(tensor.method, dict(tensor.params), base=tensor.base)
+    numel, step = tensor.numel, ctx.chunk_elems
+    acc_dtype = DTYPES[tensor.accumulator].torch_dtype
+    out_dt = DTYPES[tensor.dtype]
+    scratch, out = buffers.work(acc_dtype, step)
+    counted = [0]
+
+    def reader(start: int, n: int) -> Callable[[int], torch.Tensor]:
+        def read(i: int) -> torch.Tensor:
+            if ctx.cancel.is_set():
+                raise MergeCancelled("merge cancelled")
+            src = tensor.sources[i]
+            dt = DTYPES[src.dtype]
+            host = buffers.raw[0]
+            ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, host.bytes[: n * dt.itemsize])
+            counted[0] += n * dt.itemsize
+            target = scratch[:n]
+            target.copy_(host.typed(dt, n))  # to the device and the accumulator dtype
+            return target
+
+        return read
+
+    state = method.begin(tensor.name, numel, len(tensor.sources))
+    for pass_index in range(method.tensor_passes + 1):
+        if method.ready(state):
+            break
+        for start in range(0, numel, step):
+            method.observe(state, pass_index, start, reader(start, min(step, numel - start)))
+        method.end_pass(state, pass_index)
+    if not method.ready(state):
+        raise RuntimeError(f"{tensor.method} on {tensor.name}: not ready after {method.tensor_passes} passes")
+    for start in range(0, numel, step):
+        n = min(step, numel - start)
+        method.output(state, start, reader(start, n), out[:n])
+        host_out = buffers.out.typed(out_dt, n)
+        host_out.copy_(out[:n])
+        _emit(ctx, tensor, start * out_dt.itemsize, buffers.out.bytes[: n * out_dt.itemsize], result)
+    result.read_bytes += counted[0]
+    if ctx.on_progress:
+        ctx.on_progress(counted[0])
 
 
 def _copy_chunk(

@@ -31,6 +31,9 @@ class MergeRecipe:
     accumulate: str = "auto"
     drop: tuple[str, ...] = ()
     replace: tuple[tuple[str, str], ...] = ()  # (key prefix, donor model)
+    method_name: str = ""  # a method of recipe.library; "" = the weighted sum (uniform or --weights)
+    params: tuple[tuple[str, object], ...] = ()  # the method's parameters (mergekit / sd-mecha names)
+    base: str | None = None  # base model of task-vector methods: an extra, last input
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -56,9 +59,33 @@ class MergeRecipe:
         for prefix, donor in self.replace:
             if not prefix or not donor:
                 raise UsageError(f"--replace needs PREFIX=MODEL, got {prefix!r}={donor!r}")
+        if self.method_name:
+            from .library import build
+
+            build(self.method_name, self.method_params(), base=self.base_index)  # validates names and values
+            if self.keys == "union":
+                raise UsageError(f"--method {self.method_name} needs every input to hold each key: "
+                                 "use --keys strict or intersection")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The models read for every key: the recipe's models, then the base if any."""
+        return self.models + ((self.base,) if self.base else ())
+
+    @property
+    def base_index(self) -> int | None:
+        return len(self.models) if self.base else None
+
+    def method_params(self) -> dict[str, object]:
+        params = dict(self.params)
+        if self.weights is not None and "weights" not in params:
+            params["weights"] = list(self.weights)
+        return params
 
     @property
     def method(self) -> str:
+        if self.method_name:
+            return self.method_name
         return "uniform" if self.weights is None else "weighted_sum"
 
     def normalised_weights(self, present: Sequence[int]) -> tuple[float, ...]:
@@ -80,6 +107,8 @@ class MergeRecipe:
             "accumulate": self.accumulate,
             "drop": list(self.drop),
             "replace": [list(pair) for pair in self.replace],
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params},
+            "base": self.base,
         }
 
     def to_json(self) -> str:

@@ -1,0 +1,101 @@
+"""The method library wired into the engine: `merge --method NAME [--base B] [--set k=v]`
+gives the library's whole-tensor result, the same bytes for any chunk size and worker
+count, through the CLI's one-line errors. (The library's math against float64 references
+is tests/test_methods.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sha256
+from safetensors.torch import load_file
+
+from astolfo_dist import merge
+from astolfo_dist.cli import main
+from astolfo_dist.recipe.library import build
+
+CASES = [
+    ("ties", {"density": 0.3}, True, 4),
+    ("dare", {"density": 0.5, "seed": 7}, True, 3),
+    ("task_arithmetic", {"lambda": 0.8}, True, 3),
+    ("breadcrumbs", {"beta": 0.1, "gamma": 0.2}, True, 3),
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 3}, True, 3),
+    ("model_stock", {}, True, 3),
+    ("slerp", {"t": 0.3}, False, 2),
+    ("geometric_median", {"eps": 1e-8, "maxiter": 20, "tol": 1e-6}, False, 4),
+    ("add_difference", {"alpha": 0.7}, False, 3),
+]
+
+
+def _library_whole_tensor(name, params, paths, base, key, acc_dtype, out_dtype):
+    """The library driven over the whole tensor at once (one chunk), as an independent driver."""
+    inputs = [load_file(str(p))[key].to(acc_dtype).reshape(-1) for p in paths]
+    method = build(name, params, base=base)
+    state = method.begin(key, inputs[0].numel(), len(inputs))
+    p = 0
+    while not method.ready(state):
+        method.observe(state, p, 0, lambda i: inputs[i].clone())
+        method.end_pass(state, p)
+        p += 1
+    out = torch.empty_like(inputs[0])
+    method.output(state, 0, lambda i: inputs[i].clone(), out)
+    return out.to(out_dtype)
+
+
+@pytest.mark.parametrize("name,params,uses_base,n", CASES, ids=[c[0] for c in CASES])
+def test_engine_method_equals_library_and_is_chunk_invariant(sd_models, tmp_path, name, params, uses_base, n):
+    paths = sd_models(["F16"] * n, keys=60, scale=16)
+    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    merge([str(p) for p in models], a, method=name, base=str(base) if base else None, params=params)
+    merge([str(p) for p in models], b, method=name, base=str(base) if base else None, params=params,
+          chunk_mb=0.002, workers=1, shard_mb=0.05)
+    assert sha256(a) == sha256(b)
+    merged = load_file(str(a))
+    order = [*models, base] if base else models
+    base_index = len(models) if base else None
+    checked = 0
+    for key, got in merged.items():
+        if not got.is_floating_point() or key.startswith("cond_stage_model.transformer.text_model.embeddings.pos"):
+            continue
+        want = _library_whole_tensor(name, params, order, base_index, key, torch.float32, got.dtype)
+        assert torch.equal(got.reshape(-1).view(torch.int16), want.view(torch.int16)), key
+        checked += 1
+    assert checked > 20
+
+
+def test_method_errors_are_one_line_exit_2(sd_models, tmp_path, capsys):
+    paths = [str(p) for p in sd_models(["F16", "F16", "F16"], keys=10)]
+    out = str(tmp_path / "o.safetensors")
+    cases = [
+        (["--method", "nope"], "unknown merge method 'nope'"),
+        (["--method", "ties", "--base", paths[2], "--set", "density=1.5"], "density"),
+        (["--base", paths[2]], "--base needs --method"),
+        (["--method", "ties", "--base", paths[2], "--keys", "union"], "needs every input to hold each key"),
+        (["--method", "ties", "--set", "density"], "NAME=VALUE"),
+    ]
+    for extra, needle in cases:
+        code = main(["merge", paths[0], paths[1], "-o", out, "-q", *extra]) if "NAME=VALUE" not in needle else None
+        if code is None:
+            with pytest.raises(SystemExit) as exc:
+                main(["merge", paths[0], paths[1], "-o", out, "-q", *extra])
+            assert exc.value.code == 2
+            assert needle in capsys.readouterr().err
+            continue
+        assert code == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (extra, err)
+    assert not list(tmp_path.glob("o.safetensors*"))
+
+
+def test_recipe_in_metadata_records_the_method(sd_models, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    paths = [str(p) for p in sd_models(["F16", "F16", "F16"], keys=10)]
+    out = tmp_path / "o.safetensors"
+    merge(paths[:2], out, method="ties", base=paths[2], params={"density": 0.4})
+    with safe_open(str(out), "pt") as f:
+        recipe = json.loads(f.metadata()["astolfo_dist_recipe"])
+    assert recipe["method"] == "ties" and recipe["params"] == {"density": 0.4} and recipe["base"] == paths[2]
