@@ -54,10 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    ex = argparse.ArgumentParser(add_help=False)  # how to run: shared by merge and run
+    ex.add_argument("-o", "--output", required=True, help="output .safetensors path (a folder with --shard-size)")
+    ex.add_argument("--memory", type=_size, default=None,
+                   help="memory budget of the whole merge, e.g. 400MB, 4GiB (default: half of what is available)")
+    ex.add_argument("--chunk-mb", type=float, default=None,
+                   help=f"accumulator chunk size in MiB (default {DEFAULT_CHUNK_MB:g}, less if --memory is tight)")
+    ex.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
+    ex.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
+    ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ex.add_argument("--executor", choices=EXECUTORS, default="local", help="threads in-process, or Ray tasks")
+    ex.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://...); default a private local Ray")
+    ex.add_argument("--sink", choices=SINKS, default="auto",
+                   help="ray: direct = workers write the output files; writer = an actor on this node does")
+    ex.add_argument("--spill-dir", help="ray: object spilling folder (an SSD path) of a private local Ray")
+    ex.add_argument("--object-store-mb", type=float, help="ray: object store of a private local Ray (default: budget)")
+    ex.add_argument("--writer-inflight-mb", type=float,
+                   help="ray writer sink: MiB of chunks in flight to the writer (default: half the object store)")
+    ex.add_argument("--shard-size", type=_size, help="write a folder of HF shards of at most SIZE (e.g. 5GB, 500MiB)")
+    ex.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted run")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ex.add_argument("--cache-dir",
+                   help="cache folder: converted .ckpt files, and byte ranges read from remote (s3://...) inputs")
 
-    m = sub.add_parser("merge", parents=[common], help="merge models into one safetensors file")
+
+    m = sub.add_parser("merge", parents=[common, ex], help="merge models into one safetensors file")
     m.add_argument("models", nargs="+", metavar="MODEL", help="safetensors file, HF folder, fsspec URL or .ckpt")
-    m.add_argument("-o", "--output", required=True, help="output .safetensors path")
     m.add_argument("--weights", type=_weights, help="w1,w2,... one per model, normalised to sum 1 (default 1/N)")
     m.add_argument("--keys", choices=KEY_POLICIES, default="strict", help="key-set policy (default strict)")
     m.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep", help="output float dtype (default keep)")
@@ -76,26 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--replace", action="append", default=[], metavar="PREFIX=MODEL", help="copy keys under PREFIX from MODEL"
     )
-    m.add_argument("--memory", type=_size, default=None,
-                   help="memory budget of the whole merge, e.g. 400MB, 4GiB (default: half of what is available)")
-    m.add_argument("--chunk-mb", type=float, default=None,
-                   help=f"accumulator chunk size in MiB (default {DEFAULT_CHUNK_MB:g}, less if --memory is tight)")
-    m.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
-    m.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
-    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    m.add_argument("--executor", choices=EXECUTORS, default="local", help="threads in-process, or Ray tasks")
-    m.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://...); default a private local Ray")
-    m.add_argument("--sink", choices=SINKS, default="auto",
-                   help="ray: direct = workers write the output files; writer = an actor on this node does")
-    m.add_argument("--spill-dir", help="ray: object spilling folder (an SSD path) of a private local Ray")
-    m.add_argument("--object-store-mb", type=float, help="ray: object store of a private local Ray (default: budget)")
-    m.add_argument("--writer-inflight-mb", type=float,
-                   help="ray writer sink: MiB of chunks in flight to the writer (default: half the object store)")
-    m.add_argument("--shard-size", type=_size, help="write a folder of HF shards of at most SIZE (e.g. 5GB, 500MiB)")
-    m.add_argument("--resume", action="store_true", help="reuse the verified shards of an interrupted run")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    m.add_argument("--cache-dir",
-                   help="cache folder: converted .ckpt files, and byte ranges read from remote (s3://...) inputs")
+
+    r = sub.add_parser("run", parents=[common, ex],
+                       help="run a YAML recipe, or re-run the recipe stored in a merged file")
+    r.add_argument("recipe", metavar="RECIPE", help="recipe.yaml, or a .safetensors file merged by astolfo-dist")
 
     i = sub.add_parser("inspect", parents=[common], help="summarise a checkpoint from its header")
     i.add_argument("model", metavar="MODEL")
@@ -120,38 +126,46 @@ def _summary(result: MergeResult) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "merge":
-        from .merge import merge
+    if args.command in ("merge", "run"):
+        from .merge import merge, run_recipe
 
-        result = merge(
-            args.models,
-            args.output,
-            weights=args.weights,
-            keys=args.keys,
-            dtype=args.dtype,
-            accumulate=args.accumulate,
-            drop=args.drop,
-            replace=args.replace,
-            chunk_mb=args.chunk_mb,
-            shard_mb=args.shard_mb,
-            executor=args.executor,
-            address=args.address,
-            sink=args.sink,
-            spill_dir=args.spill_dir,
-            shard_size=args.shard_size,
-            resume=args.resume,
-            memory=args.memory,
-            method=args.method,
-            base=args.base,
-            params=dict(args.set),
-            object_store_mb=args.object_store_mb,
-            writer_inflight_mb=args.writer_inflight_mb,
-            workers=args.workers,
-            device=args.device,
-            overwrite=args.overwrite,
-            cache_dir=args.cache_dir,
-            progress=None if not args.quiet else False,
-        )
+        options = {
+            "chunk_mb": args.chunk_mb,
+            "shard_mb": args.shard_mb,
+            "workers": args.workers,
+            "device": args.device,
+            "overwrite": args.overwrite,
+            "cache_dir": args.cache_dir,
+            "progress": None if not args.quiet else False,
+            "executor": args.executor,
+            "address": args.address,
+            "sink": args.sink,
+            "spill_dir": args.spill_dir,
+            "shard_size": args.shard_size,
+            "resume": args.resume,
+            "memory": args.memory,
+            "object_store_mb": args.object_store_mb,
+            "writer_inflight_mb": args.writer_inflight_mb,
+        }
+        if args.command == "run":
+            from .recipe.files import load_recipe
+
+            result = run_recipe(load_recipe(args.recipe), args.output, **options)
+        else:
+            result = merge(
+                args.models,
+                args.output,
+                weights=args.weights,
+                keys=args.keys,
+                dtype=args.dtype,
+                accumulate=args.accumulate,
+                drop=args.drop,
+                replace=args.replace,
+                method=args.method,
+                base=args.base,
+                params=dict(args.set),
+                **options,
+            )
         _summary(result)
         print(result.output)
     elif args.command == "inspect":

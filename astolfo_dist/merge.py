@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,6 +123,38 @@ def merge(
     accumulate: str = "auto",
     drop: Sequence[str] = (),
     replace: Sequence[str] | Sequence[tuple[str, str]] = (),
+    method: str | None = None,
+    base: str | None = None,
+    params: dict[str, object] | None = None,
+    **options: Any,
+) -> MergeResult:
+    """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
+    of Hugging Face style shards and their index). The keyword arguments up to `params` make
+    the recipe (see MergeRecipe); `options` are run_recipe's (executor, memory, workers...).
+
+    Weights are normalised to sum to 1 (default: uniform 1/N).
+    """
+    if base and not method:
+        raise UsageError("--base needs --method (a task-vector method such as ties, dare, task_arithmetic)")
+    recipe = MergeRecipe(
+        models=tuple(str(m) for m in models),
+        weights=None if weights is None else tuple(float(w) for w in weights),
+        keys=keys,  # type: ignore[arg-type]
+        dtype=dtype,
+        accumulate=accumulate,
+        drop=tuple(drop),
+        replace=_parse_replace(replace),
+        method_name=method or "",
+        params=tuple(sorted((params or {}).items())),
+        base=str(base) if base else None,
+    )
+    return run_recipe(recipe, output, **options)
+
+
+def run_recipe(
+    recipe: MergeRecipe,
+    output: str | os.PathLike[str],
+    *,
     chunk_mb: float | None = None,
     shard_mb: float | None = None,
     workers: int | None = None,
@@ -138,33 +171,12 @@ def merge(
     memory: int | str | None = None,
     object_store_mb: float | None = None,
     writer_inflight_mb: float | None = None,
-    method: str | None = None,
-    base: str | None = None,
-    params: dict[str, object] | None = None,
 ) -> MergeResult:
-    """Merge `models` into one safetensors file at `output` (or, with `shard_size`, a folder
-    of Hugging Face style shards and their index).
-
-    Weights are normalised to sum to 1 (default: uniform 1/N). `executor="ray"` runs the
-    shards as Ray tasks (`address`: an existing cluster; default a private local Ray).
-    `resume=True` reuses the shards a killed earlier run of the same plan finished.
-    Raises InputError for bad inputs, UsageError for bad options, MergeCancelled on Ctrl-C;
-    in every failure the partial output is removed and an existing output is untouched.
-    """
-    recipe = MergeRecipe(
-        models=tuple(str(m) for m in models),
-        weights=None if weights is None else tuple(float(w) for w in weights),
-        keys=keys,  # type: ignore[arg-type]
-        dtype=dtype,
-        accumulate=accumulate,
-        drop=tuple(drop),
-        replace=_parse_replace(replace),
-        method_name=method or "",
-        params=tuple(sorted((params or {}).items())),
-        base=str(base) if base else None,
-    )
-    if base and not method:
-        raise UsageError("--base needs --method (a task-vector method such as ties, dare, task_arithmetic)")
+    """Run a recipe. `executor="ray"` runs the shards as Ray tasks (`address`: an existing
+    cluster; default a private local Ray). `resume=True` reuses the shards a killed earlier
+    run of the same plan finished. Raises InputError for bad inputs, UsageError for bad
+    options, MergeCancelled on Ctrl-C; in every failure the partial output is removed and an
+    existing output is untouched."""
     if chunk_mb is not None and chunk_mb <= 0:
         raise UsageError("--chunk-mb must be positive")
     try:
