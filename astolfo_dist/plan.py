@@ -253,6 +253,7 @@ def build_plan(
                     key=lacking[0],
                 )
 
+    n_layers = _layer_count(recipe, union)
     for key in union:
         present = [i for i in range(len(inputs)) if key in tensors_of[i]]
         if recipe.keys == "intersection" and len(present) < len(inputs):
@@ -276,7 +277,7 @@ def build_plan(
         sources = tuple(_source(i, tensors_of[i][key]) for i in present)
         if first.info.dtype.reducible:
             # Library methods take their weights among their parameters.
-            weights = () if recipe.method_name else recipe.normalised_weights(present)
+            weights = () if recipe.method_name else recipe.normalised_weights(present, key, n_layers)
             planned[key] = ("reduce", sources, weights, first.info.dtype, first.info.shape)
         else:
             if len({s.dtype for s in sources}) > 1:
@@ -306,8 +307,10 @@ def build_plan(
         for m in models
     )
     metadata = _metadata(recipe, model_infos, extra_metadata or {})
-    method_params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                 for k, v in recipe.method_params().items()))
+    def method_params(key: str) -> tuple[tuple[str, object], ...]:
+        params = recipe.params_for(key, n_layers) if recipe.varies else recipe.method_params()
+        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+
     groups = _split_files(order, {k: out_dtype[k].nbytes(_numel(planned[k][4])) or 0 for k in order}, shard_size)
     outputs: list[OutputLayout] = []
     tensors: list[PlannedTensor] = []
@@ -323,11 +326,20 @@ def build_plan(
             tensors.append(
                 PlannedTensor(key, shape, dt, len(header) + begin, len(header) + end, op, sources, weights, acc,
                               file_index, recipe.method_name if by_method else "",
-                              method_params if by_method else (), recipe.base_index if by_method else None)
+                              method_params(key) if by_method else (), recipe.base_index if by_method else None)
             )
     files = dict.fromkeys(f for m in models for f in m.files)
     checks = tuple(InputCheck(f, headers[f].file_size, headers[f].digest) for f in files)
     return Plan(recipe, model_infos, tuple(tensors), tuple(outputs), checks, report)
+
+
+def _layer_count(recipe: MergeRecipe, keys: dict[str, None]) -> int:
+    if recipe.blocks != "llm":
+        return 0
+    from .recipe.blocks import llm_layer
+
+    layers = [n for n in (llm_layer(k) for k in keys) if n is not None]
+    return max(layers) + 1 if layers else 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,4 +1,4 @@
-"""Recipes from files: a YAML recipe, or the canonical recipe a merged file carries in its
+r"""Recipes from files: a YAML recipe, or the canonical recipe a merged file carries in its
 metadata (so `astolfo-dist run merged.safetensors -o again.safetensors` re-runs it).
 
     models: [a.safetensors, b.safetensors, c.safetensors]
@@ -10,6 +10,10 @@ metadata (so `astolfo-dist run merged.safetensors -o again.safetensors` re-runs 
     keys: strict              # strict | intersection | union
     drop: ['^model_ema\\.']
     replace: {'cond_stage_model.': donor.safetensors}
+    blocks: sd1               # sd1 | sdxl | llm: the key -> block map (docs/blocks.md)
+    per_block: {IN00: {density: 0.5}, OUT11: {weights: [1, 0, 0]}}
+    gradients: {lambda: [0.2, 1.0]}   # llm only: anchors spread over the layers
+    per_key: [{pattern: '\.norm', params: {density: 1.0}}]   # last word, in order
 
 Every error names the file and the field.
 """
@@ -26,7 +30,8 @@ import yaml
 from ..errors import AstolfoError, InputError
 from .spec import MergeRecipe
 
-FIELDS = {"models", "method", "base", "params", "weights", "dtype", "keys", "accumulate", "drop", "replace", "type"}
+FIELDS = {"models", "method", "base", "params", "weights", "dtype", "keys", "accumulate", "drop", "replace", "type",
+          "blocks", "per_block", "gradients", "per_key"}
 
 
 def _strings(source: str, field: str, value: object) -> tuple[str, ...]:
@@ -65,6 +70,20 @@ def recipe_from_dict(source: str, data: object) -> MergeRecipe:
     for field in ("method", "base", "dtype", "keys", "accumulate"):
         if field in data and data[field] is not None and not isinstance(data[field], str):
             raise InputError(source, f"field {field!r} must be a string")
+    per_block = data.get("per_block") or {}
+    if not isinstance(per_block, Mapping) or not all(isinstance(v, Mapping) for v in per_block.values()):
+        raise InputError(source, "field 'per_block' must map block names to parameter mappings")
+    gradients = data.get("gradients") or {}
+    if not isinstance(gradients, Mapping) or not all(
+        isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in gradients.values()
+    ):
+        raise InputError(source, "field 'gradients' must map parameter names to lists of numbers")
+    per_key = data.get("per_key") or []
+    if not isinstance(per_key, list) or not all(
+        isinstance(e, Mapping) and isinstance(e.get("pattern"), str) and isinstance(e.get("params", {}), Mapping)
+        for e in per_key
+    ):
+        raise InputError(source, "field 'per_key' must be a list of {pattern: REGEX, params: {...}}")
     method = data.get("method") or ""
     if method in ("uniform", "weighted_sum") and not params:
         method = ""  # the engine's own streaming weighted sum
@@ -78,11 +97,19 @@ def recipe_from_dict(source: str, data: object) -> MergeRecipe:
             drop=_strings(source, "drop", data.get("drop") or []),
             replace=pairs,
             method_name=method,
-            params=tuple(sorted((str(k), _hashable(v)) for k, v in params.items())),
+            params=_params(params),
             base=data.get("base"),
+            blocks=data.get("blocks") or "",
+            per_block=tuple((str(b), _params(p)) for b, p in per_block.items()),
+            gradients=tuple((str(k), tuple(float(x) for x in v)) for k, v in gradients.items()),
+            per_key=tuple((e["pattern"], _params(e.get("params", {}))) for e in per_key),
         )
     except AstolfoError as exc:
         raise InputError(source, str(exc)) from None
+
+
+def _params(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((str(k), _hashable(v)) for k, v in mapping.items()))
 
 
 def _hashable(value: Any) -> Any:
@@ -109,7 +136,7 @@ def load_recipe(path: str) -> MergeRecipe:
             data = json.loads(metadata["astolfo_dist_recipe"])
         except ValueError:
             raise InputError(path, "its astolfo_dist_recipe metadata is not JSON") from None
-        data = {k: v for k, v in data.items() if v not in (None, [], {}) or k == "models"}
+        data = {k: v for k, v in data.items() if v not in (None, [], {}, "") or k == "models"}
         return recipe_from_dict(path, data)
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))

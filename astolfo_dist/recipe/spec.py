@@ -34,6 +34,14 @@ class MergeRecipe:
     method_name: str = ""  # a method of recipe.library; "" = the weighted sum (uniform or --weights)
     params: tuple[tuple[str, object], ...] = ()  # the method's parameters (mergekit / sd-mecha names)
     base: str | None = None  # base model of task-vector methods: an extra, last input
+    # Parameters that vary over the model. `blocks` names the key->block map (sd1, sdxl, llm);
+    # `per_block` overrides parameters for a block (sd1/sdxl: "IN00"...; llm: "L12"),
+    # `gradients` spreads a list of anchor values over an LLM's layers (mergekit-style), and
+    # `per_key` overrides by regular expression, applied last and in order.
+    blocks: str = ""
+    per_block: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    gradients: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    per_key: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -59,6 +67,7 @@ class MergeRecipe:
         for prefix, donor in self.replace:
             if not prefix or not donor:
                 raise UsageError(f"--replace needs PREFIX=MODEL, got {prefix!r}={donor!r}")
+        self._check_varying()
         if self.method_name:
             from .library import build
 
@@ -66,6 +75,50 @@ class MergeRecipe:
             if self.keys == "union":
                 raise UsageError(f"--method {self.method_name} needs every input to hold each key: "
                                  "use --keys strict or intersection")
+
+    def _check_varying(self) -> None:
+        from .blocks import LAYOUTS, layout_blocks
+
+        if (self.per_block or self.gradients) and self.blocks not in LAYOUTS:
+            raise UsageError(f"per_block and gradients need blocks: one of {', '.join(LAYOUTS)}")
+        if self.gradients and self.blocks != "llm":
+            raise UsageError("gradients spread values over LLM layers: they need blocks: llm")
+        if self.blocks and self.blocks != "llm":
+            known = set(layout_blocks(self.blocks))
+            for block, _params in self.per_block:
+                if block not in known:
+                    raise UsageError(f"per_block: {block!r} is not a {self.blocks} block ({', '.join(sorted(known))})")
+        for pattern, _params in self.per_key:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UsageError(f"per_key: {pattern!r} is not a valid regular expression: {exc}") from None
+        for name, values in self.gradients:
+            if not values or not all(math.isfinite(v) for v in values):
+                raise UsageError(f"gradients: {name!r} needs a list of numbers")
+
+    def params_for(self, key: str, n_layers: int = 0) -> dict[str, object]:
+        """The method parameters (weights included) that apply to `key`."""
+        params = self.method_params()
+        if self.blocks:
+            from .blocks import block_of, interpolate_gradient
+
+            block = block_of(self.blocks, key)
+            name = f"L{block}" if isinstance(block, int) else block
+            for selector, overrides in self.per_block:
+                if selector == name:
+                    params.update(overrides)
+            if isinstance(block, int) and n_layers:
+                for param, anchors in self.gradients:
+                    params[param] = interpolate_gradient(anchors, n_layers)[block]
+        for pattern, overrides in self.per_key:
+            if re.search(pattern, key):
+                params.update(overrides)
+        return params
+
+    @property
+    def varies(self) -> bool:
+        return bool(self.per_block or self.gradients or self.per_key)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -88,9 +141,12 @@ class MergeRecipe:
             return self.method_name
         return "uniform" if self.weights is None else "weighted_sum"
 
-    def normalised_weights(self, present: Sequence[int]) -> tuple[float, ...]:
-        """Weights of the inputs in `present` (indices), scaled to sum to 1 over them."""
-        raw = [1.0 if self.weights is None else self.weights[i] for i in present]
+    def normalised_weights(self, present: Sequence[int], key: str = "", n_layers: int = 0) -> tuple[float, ...]:
+        """Weights of the inputs in `present` (indices) for `key`, scaled to sum to 1 over them."""
+        weights = self.params_for(key, n_layers).get("weights") if self.varies else self.weights
+        if weights is not None and (not isinstance(weights, list | tuple) or len(weights) != len(self.models)):
+            raise UsageError(f"{key}: weights {weights!r} must be a list of {len(self.models)} numbers")
+        raw = [1.0 if weights is None else float(weights[i]) for i in present]
         total = math.fsum(raw)
         if total == 0:
             raise UsageError("the weights of the inputs holding a key sum to zero")
@@ -109,7 +165,15 @@ class MergeRecipe:
             "replace": [list(pair) for pair in self.replace],
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params},
             "base": self.base,
+            "blocks": self.blocks or None,
+            "per_block": {b: _plain(p) for b, p in self.per_block},
+            "gradients": {k: list(v) for k, v in self.gradients},
+            "per_key": [{"pattern": pat, "params": _plain(p)} for pat, p in self.per_key],
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _plain(params: tuple[tuple[str, object], ...]) -> dict[str, object]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params}
