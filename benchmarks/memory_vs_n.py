@@ -38,7 +38,16 @@ from pathlib import Path
 import psutil
 import safetensors
 import torch
-from throughput import MIB, astolfo_cmd, data_bytes, machine_info, raw_read, run_sampled
+from throughput import (
+    MIB,
+    astolfo_cmd,
+    data_bytes,
+    machine_info,
+    raw_read,
+    remove_inputs,
+    run_sampled,
+    write_results,
+)
 
 import astolfo_dist
 from astolfo_dist.synthetic import LAYOUTS, make_state_dict, write_checkpoint
@@ -351,27 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in [output, output.with_name(output.name + ".partial")]:
             p.unlink(missing_ok=True)
         if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
-            if created_dir:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+            remove_inputs(paths, folder, created_dir)
 
-    table = markdown(res)
-    print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    log(f"wrote {out}")
+    write_results(res, markdown(res), args.json, args.markdown)
     chart(res, Path(args.png))
     log(f"wrote {args.png}")
-    if args.markdown:
-        md = Path(args.markdown)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(table)
-        log(f"wrote {md}")
     return 0
 
 

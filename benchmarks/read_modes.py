@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here, not at the top, so that the measured subprocesses load only torch and psutil.
     import safetensors
-    from throughput import machine_info, raw_read, run_sampled
+    from throughput import machine_info, raw_read, remove_inputs, run_sampled, write_results
 
     folder = Path(args.dir)
     created_dir = not folder.exists()
@@ -404,21 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         res["verdict"] = verdict(summary)
     finally:
         if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
-            if created_dir:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+            remove_inputs(paths, folder, created_dir)
 
-    table = markdown(res)
-    print(table)
-    for path, text in ((args.json, json.dumps(res, indent=2) + "\n"), (args.markdown, table)):
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        log(f"wrote {out}")
+    write_results(res, markdown(res), args.json, args.markdown)
     return 0
 
 

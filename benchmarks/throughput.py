@@ -466,6 +466,28 @@ def markdown(res: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def remove_inputs(paths: list[Path], folder: Path, created_dir: bool) -> None:
+    """Delete generated inputs (and their folder if this run made it): the disk is shared."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+    if created_dir:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def write_results(res: dict, table: str, json_path: str, markdown_path: str | None) -> None:
+    """Print the table; write the JSON and, if asked, the markdown."""
+    print(table)
+    for path, text in ((json_path, json.dumps(res, indent=2) + "\n"), (markdown_path, table)):
+        if path:
+            out = Path(path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            log(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=int, default=8, help="number of input checkpoints (default 8)")
@@ -590,25 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in [output, output.with_name(output.name + ".partial")]:
             p.unlink(missing_ok=True)
         if not args.keep:
-            for p in paths:
-                p.unlink(missing_ok=True)
-            if created_dir:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+            remove_inputs(paths, folder, created_dir)
 
-    table = markdown(res)
-    print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    log(f"wrote {out}")
-    if args.markdown:
-        md = Path(args.markdown)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(table)
-        log(f"wrote {md}")
+    write_results(res, markdown(res), args.json, args.markdown)
     return 0
 
 
