@@ -4,6 +4,7 @@ through the loss of a node. Nothing started here outlives the module; no `ray st
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -51,6 +52,8 @@ def cluster():
         while _ours(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = _ours(temp_dir)
+        if not left:
+            shutil.rmtree(temp_dir, ignore_errors=True)  # the nodes' logs and sockets
         assert not left, f"Ray processes left running: {[p.pid for p in left]}"
 
 
