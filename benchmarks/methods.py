@@ -262,51 +262,51 @@ def _source(frame: str) -> str:
 
 
 def phase(frames: list[str]) -> str:
-    """Which part of the merge a worker sample is in (frames root first, py-spy's names)."""
+    """Which part of the merge a worker sample is in, as 'group: detail' (frames root first, py-spy's names)."""
     names = [_name(f) for f in frames]
     has = set(names).__contains__
     if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") for n in names):
-        return "reading inputs (pread + fp16->fp32 copy)"
+        return "read inputs: pread + fp16->fp32 copy"
     if has("philox4x32") or has("uniform01") or has("_mulhilo_"):
-        return "dare: Philox RNG (rng.uniform01)"
+        return "Philox RNG: rng.uniform01"
     if has("bernoulli_mask"):
-        return "dare: mask u < p"
+        return "keep mask: dare u < p"
     if has("ExactSum.add") or has("exact_dot"):
-        return "geometric_median: exact sums of |x_i - z|^2 (superaccumulator)"
+        return "exact sums: |x_i - z|^2, superaccumulator"
     if has("GeometricMedian._estimate"):
-        return "geometric_median: weighted-average estimate z"
+        return "estimate: weighted average z"
     if has("Selection.feed"):
         i = names.index("Selection.feed")
         if i + 1 < len(names) and names[i + 1] == "magnitude_bits":
-            return "ties selection pass: magnitude_bits(delta).to(int64)"
+            return "selection passes: magnitude_bits(delta).to(int64)"
         src = _source(frames[i])
         for key, label in (
-            ("bincount", "ties selection pass: bincount of digits"),
-            ("scatter_reduce", "ties selection pass: min/max key per digit (scatter_reduce)"),
-            ("torch.full", "ties selection pass: min/max key per digit (scatter_reduce)"),
-            ("self.prefix", "ties selection pass: filter by prefix (keys[sel])"),
-            ("keys[sel]", "ties selection pass: filter by prefix (keys[sel])"),
-            ("digits =", "ties selection pass: digit extraction"),
-            ("_append", "ties selection pass: collect candidates"),
-            ("nonzero", "ties selection pass: collect candidates"),
-            ("arange", "ties selection pass: collect candidates"),
+            ("bincount", "selection passes: bincount of digits"),
+            ("scatter_reduce", "selection passes: min/max key per digit (scatter_reduce)"),
+            ("torch.full", "selection passes: min/max key per digit (scatter_reduce)"),
+            ("self.prefix", "selection passes: filter by prefix (keys[sel])"),
+            ("keys[sel]", "selection passes: filter by prefix (keys[sel])"),
+            ("digits =", "selection passes: digit extraction"),
+            ("_append", "selection passes: collect candidates"),
+            ("nonzero", "selection passes: collect candidates"),
+            ("arange", "selection passes: collect candidates"),
         ):
             if key in src:
                 return label
-        return "ties selection pass: other"
+        return "selection passes: other"
     if any(n.endswith("._end_pass") or n == "Selection.end_pass" for n in names):
-        return "end of pass (per-tensor Python: thresholds, sorting candidates)"
+        return "end of pass: per-tensor Python (thresholds, sorting candidates)"
     if has("TopKResult.mask") or has("Selection.mask"):
-        return "ties output: top-k keep mask (magnitude bits again)"
+        return "keep mask: ties top-k mask in the output (magnitude bits again)"
     if has("Method.observe"):
-        return "statistic pass: other (base clone, delta = x_i - base)"
+        return "statistic pass, other: base clone, delta = x_i - base"
     if has("_reduce_chunk"):
-        return "uniform: reduce (convert + add)"
+        return "reduce: uniform convert + add"
     if has("_emit"):
-        return "writing the output"
+        return "write: output chunks"
     if any(n.endswith(".output") or n.endswith("weighted_delta") for n in names):
-        return "output: elementwise combine (delta, sign election, mix)"
-    return "worker: other (chunk loop, Python)"
+        return "combine: output delta, sign election, mix"
+    return "other: chunk loop, Python"
 
 
 def analyse_profile(raw: Path) -> dict:
@@ -485,7 +485,8 @@ def markdown(res: dict) -> str:
     lines = [
         f"Merge methods, {res['date_utc']}: {MODELS} {LAYOUT} fp16 checkpoints per scale, --workers {cfg['workers']}"
         f"{', --memory ' + cfg['memory'] if cfg['memory'] else ', default --memory'}, warm page cache, best of "
-        f"{cfg['repeats']} interleaved run(s) (median in brackets). {m['cpu']}, {m['cores']} cores, "
+        f"{cfg['repeats']} interleaved runs per method ({cfg['full_repeats']} at full size; median in brackets). "
+        f"{m['cpu']}, {m['cores']} cores, "
         f"{m['ram_gb']} GB RAM; torch {res['versions']['torch']}, Python {res['versions']['python']}; "
         f"engine {res['engine_source'].get('commit', '?')[:10]}"
         f"{' + uncommitted changes' if res['engine_source'].get('astolfo_dist_uncommitted_changes') else ''}.",
@@ -560,7 +561,11 @@ def markdown(res: dict) -> str:
             if "error" in p:
                 lines.append(f"- {name}: {p['error']}")
                 continue
+            groups: collections.Counter[str] = collections.Counter()
+            for x in p["phases"]:
+                groups[x["what"].split(":")[0]] += x["share"]
             top = "; ".join(f"{x['what']} {x['share']:.0%}" for x in p["phases"][:8])
+            top = "; ".join(f"{k} {v:.0%}" for k, v in groups.most_common()) + f" (in detail: {top})"
             kinds = "; ".join(f"{x['what']} {x['share']:.0%}" for x in p["kinds"])
             passes = p.get("passes", {})
             extra = (
@@ -688,6 +693,7 @@ def measure_scale(
     add_ratios(by_method)
     entry = res["scales"].setdefault(str(scale), {"methods": {}, "runs": {}, "notes": []})
     entry.update({"input_bytes": sum(sizes), "model_bytes": sizes[0], "inputs": gen, "startup": startup})
+    entry.setdefault("engine_source_by_method", {}).update(dict.fromkeys(todo, engine_source()))
     entry["methods"] = {**entry["methods"], **by_method}  # methods not run now keep their earlier result
     entry["methods"] = {m: entry["methods"][m] for m in METHOD_NOTES if m in entry["methods"]}
     entry["runs"].update(runs)
@@ -763,13 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in folder.glob(output.name + "*"):
             p.unlink(missing_ok=True)
         if not args.keep:
-            for p in generated:
-                p.unlink(missing_ok=True)
-            if created_dir:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+            tp.remove_inputs(generated, folder, created_dir)  # inputs read from --full-dir are never in it
 
     res.update(
         {
@@ -807,12 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     res["verdict"] = verdict(res)
     res["notes"] = NOTES + [n for s in res["scales"].values() for n in s.get("notes", [])]
-    table = markdown(res)
-    print(table)
-    for path, body in ((Path(args.json), json.dumps(res, indent=2) + "\n"), (Path(args.markdown), table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(body)
-        log(f"wrote {path}")
+    tp.write_results(res, markdown(res), args.json, args.markdown)
     return 0
 
 
