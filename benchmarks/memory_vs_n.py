@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import platform
 import re
 import shutil
 import statistics
@@ -36,8 +35,6 @@ import time
 from pathlib import Path
 
 import psutil
-import safetensors
-import torch
 from throughput import (
     MIB,
     astolfo_cmd,
@@ -46,10 +43,10 @@ from throughput import (
     raw_read,
     remove_inputs,
     run_sampled,
+    versions,
     write_results,
 )
 
-import astolfo_dist
 from astolfo_dist.synthetic import LAYOUTS, make_state_dict, write_checkpoint
 
 GEN_VERSION = "1"  # bump when the generator's output changes, so old files are not reused
@@ -328,13 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": machine_info(folder),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "safetensors": safetensors.__version__,
-                "psutil": psutil.__version__,
-                "astolfo_dist": astolfo_dist.__version__,
-            },
+            "versions": versions(),
             "config": {
                 "ns": ns,
                 "layout": args.layout,

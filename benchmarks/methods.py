@@ -43,7 +43,6 @@ import datetime as dt
 import json
 import linecache
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -54,7 +53,6 @@ import time
 from pathlib import Path
 
 import psutil
-import safetensors
 import throughput as tp
 import torch
 from memory_vs_n import engine_source
@@ -775,13 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": {**tp.machine_info(Path(args.full_dir)), "loadavg_at_end": list(os.getloadavg())},
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "safetensors": safetensors.__version__,
-                "psutil": psutil.__version__,
-                "astolfo_dist": astolfo_dist.__version__,
-            },
+            "versions": tp.versions(),
             "config": {
                 **settings(args),
                 "repeats": args.repeats,

@@ -466,6 +466,16 @@ def markdown(res: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "psutil": psutil.__version__,
+        "astolfo_dist": astolfo_dist.__version__,
+    }
+
+
 def remove_inputs(paths: list[Path], folder: Path, created_dir: bool) -> None:
     """Delete generated inputs (and their folder if this run made it): the disk is shared."""
     for p in paths:
@@ -579,13 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": machine_info(folder),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "safetensors": safetensors.__version__,
-                "psutil": psutil.__version__,
-                "astolfo_dist": astolfo_dist.__version__,
-            },
+            "versions": versions(),
             "config": {
                 "models": args.models,
                 "layout": args.layout,
