@@ -28,7 +28,6 @@ import json
 import re
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from throughput import (
     MIB,
     astolfo_cmd,
     data_bytes,
+    holds,
     machine_info,
     raw_read,
     remove_inputs,
@@ -68,18 +68,7 @@ def tag(layout: str, scale: int, seed: int) -> str:
 
 
 def is_reusable(path: Path, layout: str, scale: int, seed: int) -> bool:
-    """A file an earlier run made with the same parameters, complete (right size)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size, 100 << 20):
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return False
-    meta = header.get("__metadata__", {})
-    return meta.get("astolfo_bench") == tag(layout, scale, seed) and size == 8 + n + data_bytes(layout, scale)
+    return holds(path, tag(layout, scale, seed), data_bytes(layout, scale))
 
 
 def ensure_inputs(paths: list[Path], layout: str, scale: int) -> dict:

@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import astolfo_dist
+from astolfo_dist.errors import AstolfoError
 from astolfo_dist.formats.dtypes import DTYPES
+from astolfo_dist.formats.header import read_header
+from astolfo_dist.formats.readers import open_reader
 from astolfo_dist.synthetic import LAYOUTS, load_layout, scaled_shape
 
 GEN_VERSION = "1"  # bump when the generator's output changes, so old files are not reused
@@ -76,22 +78,24 @@ def tag(layout: str, scale: int, seed: int) -> str:
     return json.dumps({"layout": layout, "scale": scale, "seed": seed, "gen": GEN_VERSION}, sort_keys=True)
 
 
-def is_reusable(path: Path, layout: str, scale: int, seed: int) -> bool:
-    """A file an earlier run made with the same parameters, complete (right size)."""
+def holds(path: Path, tag_value: str, data_len: int) -> bool:
+    """A complete file an earlier run made with the same parameters: the engine's strict header
+    reader checks it (offsets tile the data exactly), then the generator's tag and data size."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size, 100 << 20):
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        reader = open_reader(str(path))
+    except AstolfoError:
         return False
-    if header.get("__metadata__", {}).get("astolfo_bench") != tag(layout, scale, seed):
+    try:
+        header = read_header(reader)
+    except AstolfoError:
         return False
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    expected = data_bytes(layout, scale)
-    return end == expected and size == 8 + n + expected and len(header) - 1 == len(load_layout(layout))
+    finally:
+        reader.close()
+    return header.metadata.get("astolfo_bench") == tag_value and header.file_size - header.data_start == data_len
+
+
+def is_reusable(path: Path, layout: str, scale: int, seed: int) -> bool:
+    return holds(path, tag(layout, scale, seed), data_bytes(layout, scale))
 
 
 class Pools:
