@@ -307,6 +307,7 @@ def build_plan(
         for m in models
     )
     metadata = _metadata(recipe, model_infos, extra_metadata or {})
+
     def method_params(key: str) -> tuple[tuple[str, object], ...]:
         params = recipe.params_for(key, n_layers) if recipe.varies else recipe.method_params()
         return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
@@ -366,10 +367,10 @@ def _split_files(order: list[str], nbytes: dict[str, int], shard_size: int | Non
 
 
 def _header_digest(headers: list[Header]) -> str:
+    """One model's identity from its files' header digests (taken when they were parsed) and sizes."""
     h = hashlib.sha256()
     for header in headers:
-        h.update(str(header.file_size).encode())
-        h.update(json.dumps({k: [v.dtype.name, v.shape, v.begin] for k, v in header.tensors.items()}).encode())
+        h.update(f"{header.file_size}:{header.digest}\n".encode())
     return h.hexdigest()
 
 
