@@ -34,6 +34,18 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeCall:
+    """One recipe node's method, as it applies to one key. `args` index the tensor's values:
+    its sources first, then the outputs of the nodes before this one in the graph."""
+
+    node: str
+    method: str
+    params: tuple[tuple[str, object], ...]
+    args: tuple[int, ...]
+    base: int | None  # the base's position in `args`
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedTensor:
     name: str
     shape: tuple[int, ...]
@@ -45,9 +57,9 @@ class PlannedTensor:
     weights: tuple[float, ...] = ()  # reduce: normalised weights, one per source
     accumulator: str = "F32"  # reduce: the accumulation dtype
     file: int = 0  # index into plan.outputs
-    method: str = ""  # a recipe.library method run over the whole tensor; "" = the streaming weighted sum
-    params: tuple[tuple[str, object], ...] = ()
-    base: int | None = None  # index of the base among `sources`
+    # recipe.library methods run over the whole tensor, the last one's value is the output;
+    # empty: the streaming weighted sum with `weights`.
+    graph: tuple[NodeCall, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -254,6 +266,7 @@ def build_plan(
                 )
 
     n_layers = _layer_count(recipe, union)
+    graph = recipe.graph
     for key in union:
         present = [i for i in range(len(inputs)) if key in tensors_of[i]]
         if recipe.keys == "intersection" and len(present) < len(inputs):
@@ -277,7 +290,7 @@ def build_plan(
         sources = tuple(_source(i, tensors_of[i][key]) for i in present)
         if first.info.dtype.reducible:
             # Library methods take their weights among their parameters.
-            weights = () if recipe.method_name else recipe.normalised_weights(present, key, n_layers)
+            weights = () if graph else recipe.normalised_weights(present, key, n_layers)
             planned[key] = ("reduce", sources, weights, first.info.dtype, first.info.shape)
         else:
             if len({s.dtype for s in sources}) > 1:
@@ -308,9 +321,18 @@ def build_plan(
     )
     metadata = _metadata(recipe, model_infos, extra_metadata or {})
 
-    def method_params(key: str) -> tuple[tuple[str, object], ...]:
-        params = recipe.params_for(key, n_layers) if recipe.varies else recipe.method_params()
-        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+    # Values of a key's graph: the sources (every model holds the key: graphs need
+    # strict or intersection keys), then the nodes in evaluation order.
+    value_of = {name: i for i, name in enumerate(recipe.input_names)}
+    value_of.update({node.name: len(recipe.input_names) + j for j, node in enumerate(graph)})
+
+    def calls(key: str) -> tuple[NodeCall, ...]:
+        out = []
+        for node in graph:
+            params = node.params_for(recipe.blocks, key, n_layers) if node.varies else dict(node.params)
+            plain = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+            out.append(NodeCall(node.name, node.method, plain, tuple(value_of[a] for a in node.args), node.base_index))
+        return tuple(out)
 
     groups = _split_files(order, {k: out_dtype[k].nbytes(_numel(planned[k][4])) or 0 for k in order}, shard_size)
     outputs: list[OutputLayout] = []
@@ -323,11 +345,9 @@ def build_plan(
             op, sources, weights, _first, shape = planned[key]
             dt = out_dtype[key].name
             acc = _accumulator(recipe, dt) if op == "reduce" else ""
-            by_method = op == "reduce" and bool(recipe.method_name)
             tensors.append(
                 PlannedTensor(key, shape, dt, len(header) + begin, len(header) + end, op, sources, weights, acc,
-                              file_index, recipe.method_name if by_method else "",
-                              method_params(key) if by_method else (), recipe.base_index if by_method else None)
+                              file_index, calls(key) if op == "reduce" and graph else ())
             )
     files = dict.fromkeys(f for m in models for f in m.files)
     checks = tuple(InputCheck(f, headers[f].file_size, headers[f].digest) for f in files)
@@ -379,7 +399,11 @@ def _metadata(recipe: MergeRecipe, models: tuple[ModelInfo, ...], extra: dict[st
     recipe_json = recipe.to_json()
     models_json = json.dumps(
         {
-            m.header_sha256: {"name": m.name, "size": m.size, "hash_of": "safetensors header"}
+            # Checkpoints of one architecture often share a header byte for byte, so the
+            # name joins the header digest in the key: one entry per input, never collapsed.
+            hashlib.sha256(f"{m.header_sha256}\0{m.name}".encode()).hexdigest(): {
+                "name": m.name, "size": m.size, "header_sha256": m.header_sha256,
+                "hash_of": "safetensors header and name"}
             for m in models
         },
         sort_keys=True,

@@ -52,8 +52,8 @@ def make_shards(plan: Plan, target_bytes: int | None = None) -> list[Shard]:
         if units == 0:
             pieces.append(Piece(index, 0, 0))
             continue
-        if tensor.method:
-            # A library method streams over the whole tensor (statistic passes, then output)
+        if tensor.graph:
+            # Library methods stream over the whole tensor (statistic passes, then output)
             # inside one task, so its state never travels: one piece, whatever its size.
             pieces.append(Piece(index, 0, units))
             cost += units * per_unit

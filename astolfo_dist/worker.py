@@ -20,6 +20,7 @@ from .errors import MergeCancelled
 from .formats.dtypes import DTYPES, DType
 from .formats.readers import RangeReader
 from .plan import Plan, PlannedTensor, Source
+from .recipe.library.base import State
 from .recipe.methods import weighted_sum
 from .shards import Shard
 
@@ -81,7 +82,7 @@ class ChunkBuffers:
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._prefetched: dict[int, int] = {}  # reader -> end of the last readahead hint
-        self._work: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._work: dict[object, tuple[torch.Tensor, ...]] = {}
 
     def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
         """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""
@@ -104,6 +105,15 @@ class ChunkBuffers:
         acc, tmp = self._work[dtype]
         return acc[:n], tmp[:n]
 
+    def node_values(self, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
+        """One chunk buffer per node of a recipe graph, on the device, reused across tensors."""
+        key = (dtype, "nodes")
+        have = list(self._work.get(key, ()))
+        while len(have) < count:
+            have.append(torch.empty(self.chunk_elems, dtype=dtype, device=self.device))
+        self._work[key] = tuple(have)
+        return have[:count]
+
     def device_out(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         """The output chunk on the device (CUDA only), before its copy to pinned memory."""
         key = (dtype, "out")
@@ -116,7 +126,7 @@ def run_shard(ctx: WorkerContext, shard: Shard, buffers: ChunkBuffers) -> ShardR
     result = ShardResult(shard.index)
     for piece in shard.pieces:
         tensor = ctx.plan.tensors[piece.tensor]
-        if tensor.method:
+        if tensor.graph:
             _method_tensor(ctx, tensor, buffers, result)
             continue
         step = ctx.chunk_elems if tensor.op == "reduce" else ctx.chunk_elems * 4
@@ -200,52 +210,89 @@ def _reduce_chunk(
     return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
 
 
-def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:
-    """A recipe.library method over one whole tensor: its statistic passes over every chunk
-    (the state stays O(inputs), never O(elements)), then the output chunk by chunk. Each
-    `read(i)` re-reads input i's chunk into one scratch tensor in the accumulator dtype."""
-    from .recipe.library import build
+class _TensorGraph:
+    """One key's recipe graph (plan.NodeCall) on one worker: node values computed chunk by
+    chunk when a reader asks for them, fused, never a whole intermediate tensor.
 
-    method = build(tensor.method, dict(tensor.params), base=tensor.base)
-    numel, step = tensor.numel, ctx.chunk_elems
-    acc_dtype = DTYPES[tensor.accumulator].torch_dtype
-    out_dt = DTYPES[tensor.dtype]
-    scratch, out = buffers.work(acc_dtype, step)
-    counted = [0]
+    Values are the tensor's sources, then the nodes' outputs. A source's chunk is re-read
+    into the one leaf scratch on every request; a node's chunk is computed into that node's
+    own chunk buffer and kept there until another chunk of it is asked for, so a reader
+    that takes the same input twice (a two-sweep method, a node read by two others) does
+    not recompute it. That relies on methods never writing into what `read` returns.
+    """
 
-    def reader(start: int, n: int) -> Callable[[int], torch.Tensor]:
-        def read(i: int) -> torch.Tensor:
-            if ctx.cancel.is_set():
-                raise MergeCancelled("merge cancelled")
-            src = tensor.sources[i]
+    def __init__(self, ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers) -> None:
+        from .recipe.library import build
+
+        self.ctx, self.tensor, self.calls = ctx, tensor, tensor.graph
+        self.methods = [build(c.method, dict(c.params), base=c.base) for c in self.calls]
+        self.states: list[State | None] = [None] * len(self.calls)
+        self.n_sources = len(tensor.sources)
+        acc_dtype = DTYPES[tensor.accumulator].torch_dtype
+        self.leaf = buffers.work(acc_dtype, ctx.chunk_elems)[0]
+        self.host = buffers.raw[0]
+        self.values = buffers.node_values(acc_dtype, len(self.calls))
+        self.holds: list[tuple[int, int] | None] = [None] * len(self.calls)  # (start, n) in values[j]
+        self.read_bytes = 0
+
+    def settle(self) -> None:
+        """Run every node's statistic passes, inputs first (the graph is in evaluation order)."""
+        numel, step = self.tensor.numel, self.ctx.chunk_elems
+        for j, (call, method) in enumerate(zip(self.calls, self.methods, strict=True)):
+            state = method.begin(self.tensor.name, numel, len(call.args))
+            for pass_index in range(method.tensor_passes + 1):
+                if method.ready(state):
+                    break
+                for start in range(0, numel, step):
+                    method.observe(state, pass_index, start, self._reader(j, start, min(step, numel - start)))
+                method.end_pass(state, pass_index)
+            if not method.ready(state):
+                raise RuntimeError(f"{call.method} on {self.tensor.name}: not ready after "
+                                   f"{method.tensor_passes} passes")
+            self.states[j] = state
+
+    def output(self, start: int, n: int) -> torch.Tensor:
+        """The last node's value for elements [start, start + n): the tensor's output chunk."""
+        return self._value(self.n_sources + len(self.calls) - 1, start, n)
+
+    def _reader(self, j: int, start: int, n: int) -> Callable[[int], torch.Tensor]:
+        args = self.calls[j].args
+        return lambda i: self._value(args[i], start, n)
+
+    def _value(self, v: int, start: int, n: int) -> torch.Tensor:
+        if self.ctx.cancel.is_set():
+            raise MergeCancelled("merge cancelled")
+        if v < self.n_sources:
+            src = self.tensor.sources[v]
             dt = DTYPES[src.dtype]
-            host = buffers.raw[0]
-            ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, host.bytes[: n * dt.itemsize])
-            counted[0] += n * dt.itemsize
-            target = scratch[:n]
-            target.copy_(host.typed(dt, n))  # to the device and the accumulator dtype
+            self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, self.host.bytes[: n * dt.itemsize])
+            self.read_bytes += n * dt.itemsize
+            target = self.leaf[:n]
+            target.copy_(self.host.typed(dt, n))  # to the device and the accumulator dtype
             return target
+        j = v - self.n_sources
+        out = self.values[j][:n]
+        if self.holds[j] != (start, n):
+            self.holds[j] = None  # half-written if the method raises
+            self.methods[j].output(self.states[j], start, self._reader(j, start, n), out)
+            self.holds[j] = (start, n)
+        return out
 
-        return read
 
-    state = method.begin(tensor.name, numel, len(tensor.sources))
-    for pass_index in range(method.tensor_passes + 1):
-        if method.ready(state):
-            break
-        for start in range(0, numel, step):
-            method.observe(state, pass_index, start, reader(start, min(step, numel - start)))
-        method.end_pass(state, pass_index)
-    if not method.ready(state):
-        raise RuntimeError(f"{tensor.method} on {tensor.name}: not ready after {method.tensor_passes} passes")
-    for start in range(0, numel, step):
-        n = min(step, numel - start)
-        method.output(state, start, reader(start, n), out[:n])
+def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:
+    """A tensor computed by recipe.library methods: every node's statistic passes over every
+    chunk (states stay O(inputs), never O(elements)), then the output chunk by chunk."""
+    graph = _TensorGraph(ctx, tensor, buffers)
+    graph.settle()
+    out_dt = DTYPES[tensor.dtype]
+    for start in range(0, tensor.numel, ctx.chunk_elems):
+        n = min(ctx.chunk_elems, tensor.numel - start)
         host_out = buffers.out.typed(out_dt, n)
-        host_out.copy_(out[:n])
+        host_out.copy_(graph.output(start, n))
         _emit(ctx, tensor, start * out_dt.itemsize, buffers.out.bytes[: n * out_dt.itemsize], result)
-    result.read_bytes += counted[0]
+    result.read_bytes += graph.read_bytes
     if ctx.on_progress:
-        ctx.on_progress(counted[0])
+        ctx.on_progress(graph.read_bytes)
 
 
 def _copy_chunk(

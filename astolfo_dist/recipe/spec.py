@@ -1,7 +1,8 @@
 """The merge recipe: a plain, validated, serialisable value.
 
-Today it is one weighted sum over N models with component replacement and key policies;
-its canonical JSON goes into the output's metadata.
+A recipe is either one method over N models (the weighted sum by default; what `merge`'s
+flags build) or a DAG of named method nodes over the models (recipe/graph.py), plus
+component replacement and key policies. Its canonical JSON goes into the output's metadata.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Literal
 
 from ..errors import UsageError
 from ..formats.dtypes import OUTPUT_DTYPES
+from .graph import RecipeNode, evaluation_order
+from .varying import check_varying, params_for_key, plain
 
 KeyPolicy = Literal["strict", "intersection", "union"]
 KEY_POLICIES: tuple[str, ...] = ("strict", "intersection", "union")
@@ -42,6 +45,12 @@ class MergeRecipe:
     per_block: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     gradients: tuple[tuple[str, tuple[float, ...]], ...] = ()
     per_key: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    # A recipe DAG instead of one method: nodes reading models (by name) and other nodes.
+    # `model_names` name the models (default: the model strings themselves); `output` is the
+    # node whose value is written (default: the last node listed).
+    nodes: tuple[RecipeNode, ...] = ()
+    output: str = ""
+    model_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -67,7 +76,15 @@ class MergeRecipe:
         for prefix, donor in self.replace:
             if not prefix or not donor:
                 raise UsageError(f"--replace needs PREFIX=MODEL, got {prefix!r}={donor!r}")
-        self._check_varying()
+        check_varying(self.blocks, self.per_block, self.gradients, self.per_key)
+        if self.model_names and len(self.model_names) != len(self.models):
+            raise UsageError(f"{len(self.model_names)} model names given for {len(self.models)} models")
+        if len(set(self.names)) != len(self.names):
+            raise UsageError("models: a model is listed twice")
+        if self.nodes:
+            self._check_graph()
+        elif self.model_names or self.output:
+            raise UsageError("model names and output name the parts of a recipe DAG: give nodes too")
         if self.method_name:
             from .library import build
 
@@ -76,45 +93,46 @@ class MergeRecipe:
                 raise UsageError(f"--method {self.method_name} needs every input to hold each key: "
                                  "use --keys strict or intersection")
 
-    def _check_varying(self) -> None:
-        from .blocks import LAYOUTS, layout_blocks
+    def _check_graph(self) -> None:
+        flat = {"method": self.method_name, "weights": self.weights, "params": self.params, "base": self.base,
+                "per_block": self.per_block, "gradients": self.gradients, "per_key": self.per_key}
+        for field, value in flat.items():
+            if value:
+                raise UsageError(f"{field}: a recipe with nodes sets it inside a node")
+        if self.keys == "union":
+            raise UsageError("nodes need every input to hold each key: use keys: strict or intersection")
+        self.graph  # noqa: B018 -- validates, naming the node and field
 
-        if (self.per_block or self.gradients) and self.blocks not in LAYOUTS:
-            raise UsageError(f"per_block and gradients need blocks: one of {', '.join(LAYOUTS)}")
-        if self.gradients and self.blocks != "llm":
-            raise UsageError("gradients spread values over LLM layers: they need blocks: llm")
-        if self.blocks and self.blocks != "llm":
-            known = set(layout_blocks(self.blocks))
-            for block, _params in self.per_block:
-                if block not in known:
-                    raise UsageError(f"per_block: {block!r} is not a {self.blocks} block ({', '.join(sorted(known))})")
-        for pattern, _params in self.per_key:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UsageError(f"per_key: {pattern!r} is not a valid regular expression: {exc}") from None
-        for name, values in self.gradients:
-            if not values or not all(math.isfinite(v) for v in values):
-                raise UsageError(f"gradients: {name!r} needs a list of numbers")
+    @property
+    def names(self) -> tuple[str, ...]:
+        """How nodes refer to the models."""
+        return self.model_names or self.models
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """How the graph refers to `inputs`: the model names, then the base if any."""
+        return self.names + ((self.base,) if self.base else ())
+
+    @property
+    def output_node(self) -> str:
+        return self.output or (self.nodes[-1].name if self.nodes else "")
+
+    @property
+    def graph(self) -> tuple[RecipeNode, ...]:
+        """The method nodes in evaluation order, the output last: the recipe's DAG, or the one
+        node its single method makes; empty for the engine's streaming weighted sum."""
+        if self.nodes:
+            return evaluation_order(self.nodes, self.names, self.output_node, self.blocks)
+        if not self.method_name:
+            return ()
+        params = tuple(sorted(self.method_params().items()))
+        return (RecipeNode("merge", self.method_name, self.models, self.base, params,
+                           self.per_block, self.gradients, self.per_key),)
 
     def params_for(self, key: str, n_layers: int = 0) -> dict[str, object]:
         """The method parameters (weights included) that apply to `key`."""
-        params = self.method_params()
-        if self.blocks:
-            from .blocks import block_of, interpolate_gradient
-
-            block = block_of(self.blocks, key)
-            name = f"L{block}" if isinstance(block, int) else block
-            for selector, overrides in self.per_block:
-                if selector == name:
-                    params.update(overrides)
-            if isinstance(block, int) and n_layers:
-                for param, anchors in self.gradients:
-                    params[param] = interpolate_gradient(anchors, n_layers)[block]
-        for pattern, overrides in self.per_key:
-            if re.search(pattern, key):
-                params.update(overrides)
-        return params
+        return params_for_key(self.method_params(), self.blocks, self.per_block, self.gradients, self.per_key,
+                              key, n_layers)
 
     @property
     def varies(self) -> bool:
@@ -137,6 +155,8 @@ class MergeRecipe:
 
     @property
     def method(self) -> str:
+        if self.nodes:
+            return "dag"
         if self.method_name:
             return self.method_name
         return "uniform" if self.weights is None else "weighted_sum"
@@ -153,10 +173,16 @@ class MergeRecipe:
         return tuple(w / total for w in raw)
 
     def to_dict(self) -> dict:
+        graph = {}
+        if self.nodes:
+            graph = {"nodes": {n.name: n.to_dict() for n in self.graph}, "output": self.output_node}
         return {
+            **graph,
             "type": "astolfo-dist",
             "method": self.method,
-            "models": list(self.models),
+            # Named models as a list of {name: model}: a mapping would lose their order to sort_keys.
+            "models": [{n: m} for n, m in zip(self.model_names, self.models, strict=True)] if self.model_names
+            else list(self.models),
             "weights": None if self.weights is None else list(self.weights),
             "keys": self.keys,
             "dtype": self.dtype,
@@ -166,14 +192,11 @@ class MergeRecipe:
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params},
             "base": self.base,
             "blocks": self.blocks or None,
-            "per_block": {b: _plain(p) for b, p in self.per_block},
+            "per_block": {b: plain(p) for b, p in self.per_block},
             "gradients": {k: list(v) for k, v in self.gradients},
-            "per_key": [{"pattern": pat, "params": _plain(p)} for pat, p in self.per_key],
+            "per_key": [{"pattern": pat, "params": plain(p)} for pat, p in self.per_key],
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
-
-def _plain(params: tuple[tuple[str, object], ...]) -> dict[str, object]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params}
