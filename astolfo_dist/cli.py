@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common, ex],
                        help="run a YAML recipe, or re-run the recipe stored in a merged file")
     r.add_argument("recipe", metavar="RECIPE", help="recipe.yaml, or a .safetensors file merged by astolfo-dist")
+    r.add_argument("--node", metavar="NAME",
+                   help="write this node of a recipe DAG instead of its output (an intermediate model)")
 
     i = sub.add_parser("inspect", parents=[common], help="summarise a checkpoint from its header")
     i.add_argument("model", metavar="MODEL")
@@ -150,7 +152,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "run":
             from .recipe.files import load_recipe
 
-            result = run_recipe(load_recipe(args.recipe), args.output, **options)
+            recipe = load_recipe(args.recipe)
+            if args.node:
+                recipe = recipe.upto(args.node)
+            result = run_recipe(recipe, args.output, **options)
         else:
             result = merge(
                 args.models,

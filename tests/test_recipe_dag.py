@@ -143,3 +143,19 @@ def test_bad_dag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cycle" in err and str(recipe) in err
     assert not out.exists()
+
+
+def test_run_node_writes_an_intermediate_only_when_asked(sd_models, tmp_path, capsys):
+    paths = [str(p) for p in sd_models(["F16", "F16", "F16"], keys=30)]
+    recipe = write_recipe(tmp_path / "r.yaml", dict(zip(["a", "b", "x"], paths, strict=True)), (
+        "  pool: {method: uniform, inputs: [a, b]}\n"
+        "  out: {method: weighted_sum, inputs: [pool, x], params: {weights: [0.5, 0.5]}}\n"
+    ), "dtype: fp32\n")
+    pool = tmp_path / "pool.safetensors"
+    assert main(["run", str(recipe), "--node", "pool", "-o", str(pool), "-q"]) == 0
+    ins = [load_file(p) for p in paths]
+    for key, value in float_tensors(pool).items():
+        want = ((ins[0][key].to(torch.float64) + ins[1][key].to(torch.float64)) / 2).to(torch.float32)
+        assert torch.equal(value, want), key
+    assert main(["run", str(recipe), "--node", "nope", "-o", str(tmp_path / "n.safetensors")]) == 2
+    assert "--node: 'nope' is not a node" in capsys.readouterr().err

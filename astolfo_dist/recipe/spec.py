@@ -7,6 +7,7 @@ component replacement and key policies. Its canonical JSON goes into the output'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -107,6 +108,30 @@ class MergeRecipe:
     def names(self) -> tuple[str, ...]:
         """How nodes refer to the models."""
         return self.model_names or self.models
+
+    def upto(self, node: str) -> MergeRecipe:
+        """The recipe whose output is `node`: only the nodes and models that feed it (an
+        intermediate model is written only when asked for this way)."""
+        if not self.nodes:
+            raise UsageError("--node picks a node of a recipe DAG; this recipe has no nodes")
+        by_name = {n.name: n for n in self.nodes}
+        if node not in by_name:
+            raise UsageError(f"--node: {node!r} is not a node ({', '.join(by_name)})")
+        feeding: set[str] = set()
+        todo = [node]
+        while todo:
+            name = todo.pop()
+            if name not in feeding:
+                feeding.add(name)
+                todo.extend(by_name[name].args if name in by_name else ())
+        kept = [i for i, name in enumerate(self.names) if name in feeding]
+        return dataclasses.replace(
+            self,
+            models=tuple(self.models[i] for i in kept),
+            model_names=tuple(self.names[i] for i in kept),
+            nodes=tuple(n for n in self.nodes if n.name in feeding),
+            output=node,
+        )
 
     @property
     def input_names(self) -> tuple[str, ...]:
