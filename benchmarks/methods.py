@@ -265,8 +265,8 @@ def phase(frames: list[str]) -> str:
     has = set(names).__contains__
     if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") for n in names):
         return "read inputs: pread + fp16->fp32 copy"
-    if has("philox4x32") or has("uniform01") or has("_mulhilo_"):
-        return "Philox RNG: rng.uniform01"
+    if has("random_u32") or has("uniform01"):
+        return "Philox RNG: rng.random_u32"
     if has("bernoulli_mask"):
         return "keep mask: dare u < p"
     if has("ExactSum.add") or has("exact_dot"):
@@ -405,7 +405,7 @@ def _kernels(n: int) -> dict:
     """The kernels behind each method on one chunk of n elements (float32, like the accumulator)."""
     from astolfo_dist.recipe.library._exact import ExactSum, exact_dot
     from astolfo_dist.recipe.library._select import Selection
-    from astolfo_dist.recipe.rng import uniform01
+    from astolfo_dist.recipe.rng import bernoulli_mask
 
     gen = torch.Generator().manual_seed(0)
     x16 = (torch.randn(n, generator=gen) * 0.5).half()
@@ -428,7 +428,7 @@ def _kernels(n: int) -> dict:
     acc = ExactSum()
     return {
         "uniform, per input: fp16 -> fp32 copy_ + add_": lambda: y.copy_(x16).add_(x),
-        "dare, per input: Philox uniform01": lambda: uniform01(1, 0, "key", 0, n),
+        "dare, per input: Philox keep mask (bernoulli_mask)": lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
         "ties, per input and pass: Selection.feed, first pass (histogram)": feed(0),
         "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(10),
         "ties, per input, twice in output: Selection.mask": lambda: settled.mask(x, 0),

@@ -1,5 +1,5 @@
-"""The counter-based generator: Philox known answers, chunk independence, distinct streams,
-uniformity, and Bernoulli rates."""
+"""The counter-based generator: Philox known answers, the stream layout against a plain-Python
+reference, chunk independence, distinct streams, uniformity, exact thresholds and Bernoulli rates."""
 
 from __future__ import annotations
 
@@ -7,56 +7,102 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from astolfo_dist.recipe.rng import _mulhilo_, bernoulli_mask, philox4x32, stream_key, uniform01
+from astolfo_dist.recipe.rng import (
+    MAX_ELEMENTS,
+    bernoulli_mask,
+    keep_threshold,
+    random_u32,
+    stream_key,
+    uniform01,
+)
 
 KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+U64 = 2**64 - 1
+
+# Random123's known-answer vectors for philox4x64-10: (counter, key, output).
+PHILOX4X64_KATS = [
+    ((0, 0, 0, 0), (0, 0), (0x16554D9ECA36314C, 0xDB20FE9D672D0FDC, 0xD7E772CEE186176B, 0x7E68B68AEC7BA23B)),
+    ((U64,) * 4, (U64, U64), (0x87B092C3013FE90B, 0x438C3C67BE8D0224, 0x9CC7D7C69CD777B6, 0xA09CAEBF594F0BA0)),
+    (
+        (0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0, 0x082EFA98EC4E6C89),
+        (0x452821E638D01377, 0xBE5466CF34E90C6C),
+        (0xA528F45403E61D95, 0x38C72DBD566E9788, 0xA5A1610E72FD18B5, 0x57BD43B5E52B7FE6),
+    ),
+]
 
 
-def _words(u: torch.Tensor) -> list[int]:
-    return [int(x) for x in (u * 2.0**32).to(torch.int64)]
+def philox4x64_py(counter: tuple[int, ...], key: tuple[int, int]) -> tuple[int, ...]:
+    """Philox-4x64-10 on Python integers, written from the paper: the reference for the layout."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B97F4A7C15) & U64, (k1 + 0xBB67AE8584CAA73B) & U64
+        p0, p1 = 0xD2E7470EE14C6C93 * c0, 0xCA5A826395121157 * c2
+        c0, c1, c2, c3 = (p1 >> 64) ^ c1 ^ k0, p1 & U64, (p0 >> 64) ^ c3 ^ k1, p0 & U64
+    return c0, c1, c2, c3
+
+
+def reference_u32(seed: int, input_index: int, key: str, start: int, count: int) -> list[int]:
+    """The module docstring's stream definition, element by element."""
+    k0, k1, c1, c2, c3 = stream_key(seed, input_index, key)
+    out = []
+    for e in range(start, start + count):
+        x = philox4x64_py((e // 8, c1, c2, c3), (k0, k1))
+        j, h = divmod(e % 8, 2)
+        out.append((x[j] >> (32 * h)) & 0xFFFFFFFF)
+    return out
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), PHILOX4X64_KATS)
+def test_numpy_philox_known_answers(counter, key, expected) -> None:
+    # numpy's first block is that of counter + 1 (256-bit, word 0 lowest): start one below,
+    # which for the zero counter also checks the carry through all four words.
+    c = sum(w << (64 * i) for i, w in enumerate(counter))
+    gen = np.random.Philox(key=key[0] | key[1] << 64, counter=(c - 1) % 2**256)
+    assert tuple(int(w) for w in gen.random_raw(4)) == expected
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), PHILOX4X64_KATS)
+def test_python_reference_known_answers(counter, key, expected) -> None:
+    assert philox4x64_py(counter, key) == expected
 
 
 @pytest.mark.parametrize(
-    ("counter", "key", "expected"),
-    [
-        # Random123's known-answer vectors for philox4x32-10.
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-    ],
+    ("start", "count"),
+    [(0, 20), (5, 3), (7, 2), (8, 8), (13, 29), (2**32 - 6, 12), (2**35 * 8 - 3, 7), (MAX_ELEMENTS - 11, 11)],
 )
-def test_philox_known_answers(counter, key, expected) -> None:
-    ctr = tuple(torch.tensor([c], dtype=torch.int64) for c in counter)
-    out = philox4x32(ctr, key)
-    assert tuple(int(w) for w in out) == expected
-    assert ctr[0].item() == counter[0], "the caller's counter tensors are not modified"
-
-
-def test_mulhilo_matches_big_integers() -> None:
-    rnd = random.Random(7)
-    xs = [0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + [rnd.getrandbits(32) for _ in range(2000)]
-    x = torch.tensor(xs, dtype=torch.int64)
-    for m in (0xD2511F53, 0xCD9E8D57, 0xFFFFFFFF, 1):
-        lo, hi, tmp = (torch.empty_like(x) for _ in range(3))
-        _mulhilo_(m, x, lo, hi, tmp)
-        assert [int(v) for v in lo] == [(m * v) & 0xFFFFFFFF for v in xs]
-        assert [int(v) for v in hi] == [(m * v) >> 32 for v in xs]
+def test_stream_matches_its_definition(start: int, count: int) -> None:
+    got = random_u32(77, 3, KEY, start, count)
+    assert got.dtype == np.uint32
+    assert got.tolist() == reference_u32(77, 3, KEY, start, count)
 
 
 def test_golden_stream() -> None:
-    # Pins the stream layout (key derivation, counter use, word order): masks of earlier
-    # merges must stay reproducible.
-    assert stream_key(1, 0, "a") == (57748941, 3856379132, 82403421, 93869438)
-    u = uniform01(1234, 2, "model.diffusion_model.out.0.weight", 0, 6)
-    assert _words(u) == [1289534178, 385300948, 1227531078, 2018911002, 2582715112, 3772016939]
-    assert _words(uniform01(0, 0, "k", 2**40 + 3, 3)) == [2079289520, 789168586, 814903928]
+    # Pins the stream layout (version 2: key derivation, counter use, word order): masks of
+    # earlier merges must stay reproducible.
+    assert stream_key(1, 0, "a") == (
+        8726534932847739946,
+        10325899257789667683,
+        17210895331898247419,
+        11983741798739708336,
+        15785114803443183898,
+    )
+    words = random_u32(1234, 2, "model.diffusion_model.out.0.weight", 0, 10)
+    assert words.tolist() == [
+        1857665232, 3734344767, 772172685, 620141736, 810130660,
+        1560429546, 2445167131, 1517875736, 2473397466, 2608153278,
+    ]  # fmt: skip
+    assert random_u32(0, 0, "k", 2**40 + 3, 3).tolist() == [2871119904, 591981382, 4025363442]
+    assert random_u32(0, 0, "k", MAX_ELEMENTS - 3, 3).tolist() == [992157929, 2158094220, 3944636428]
+    u = uniform01(1234, 2, "model.diffusion_model.out.0.weight", 3, 2)
+    assert u.tolist() == [620141736 * 2.0**-32, 810130660 * 2.0**-32]
 
 
 def test_values_are_exact_32_bit_fractions_in_unit_interval() -> None:
@@ -65,27 +111,28 @@ def test_values_are_exact_32_bit_fractions_in_unit_interval() -> None:
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     scaled = u * 2.0**32
     assert torch.equal(scaled, scaled.floor())
+    assert torch.equal(scaled.to(torch.int64), torch.from_numpy(random_u32(3, 1, KEY, 17, 100_003).astype(np.int64)))
 
 
-def test_chunk_independence_random_splits() -> None:
-    n = 10_007
-    whole = uniform01(42, 3, KEY, 0, n)
-    rnd = random.Random(0)
-    for _ in range(40):
-        cuts = sorted(rnd.sample(range(1, n), rnd.randint(1, 12)))
-        bounds = [0, *cuts, n]
-        parts = [uniform01(42, 3, KEY, a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
-        assert torch.equal(torch.cat(parts), whole)
-    # Single elements at unaligned positions, and the 0..1000 = 0..300 + 300..1000 case.
-    for i in (0, 1, 2, 3, 4, 5, 997, 10_006):
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    base=st.one_of(st.integers(0, 40), st.integers(0, MAX_ELEMENTS - 4096)),
+    n=st.integers(1, 3000),
+    cuts=st.lists(st.floats(0.0, 1.0), max_size=12),
+)
+def test_chunk_independence_any_split(base: int, n: int, cuts: list[float]) -> None:
+    """Any split of [base, base + n) into chunks gives the same concatenated stream."""
+    whole = random_u32(42, 3, KEY, base, n)
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    parts = [random_u32(42, 3, KEY, base + a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_chunk_independence_single_elements() -> None:
+    whole = uniform01(42, 3, KEY, 0, 10_007)
+    for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 997, 10_006):
         assert torch.equal(uniform01(42, 3, KEY, i, 1), whole[i : i + 1])
     assert torch.equal(torch.cat([uniform01(42, 3, KEY, 0, 300), uniform01(42, 3, KEY, 300, 700)]), whole[:1000])
-
-
-def test_chunk_independence_past_32_bit_counters() -> None:
-    start = 2**34 - 5  # the counter's high word changes inside this range
-    whole = uniform01(9, 0, KEY, start, 64)
-    assert torch.equal(torch.cat([uniform01(9, 0, KEY, start, 7), uniform01(9, 0, KEY, start + 7, 57)]), whole)
 
 
 def test_determinism_across_calls() -> None:
@@ -130,6 +177,43 @@ def test_uniformity_chi_square_and_ks() -> None:
     assert d * math.sqrt(m) < 1.95, d  # Kolmogorov-Smirnov at p ~ 0.001
 
 
+def test_keep_threshold_is_exact() -> None:
+    """(u32 < T) == (u32 * 2**-32 < p) at and around the threshold, for awkward p."""
+    ps = [0.3, 0.5, 1 / 3, 0.1, 1e-12, 5e-324, 2.0**-32, 3 * 2.0**-33, 1 - 2.0**-53, 1 - 2.0**-32, 1 - 2.0**-31]
+    rnd = random.Random(3)
+    ps += [rnd.random() for _ in range(200)] + [math.nextafter(p, 0.0) for p in ps] + [math.nextafter(p, 1) for p in ps]
+    for p in ps:
+        t = keep_threshold(p)
+        assert 0 <= t <= 2**32
+        centre = math.floor(p * 2**32)
+        for u in range(max(0, centre - 2), min(2**32, centre + 3)):
+            assert (u < t) == (u * 2.0**-32 < p), (p, u, t)
+    assert keep_threshold(0.0) == 0 and keep_threshold(-0.5) == 0 and keep_threshold(float("nan")) == 0
+    assert keep_threshold(1.0) == 2**32 and keep_threshold(float("inf")) == 2**32
+    assert keep_threshold(2.0**-32) == 1 and keep_threshold(1 - 2.0**-32) == 2**32 - 1
+
+
+@pytest.mark.parametrize("p", [0.3, 1 / 3, 0.999999, 2.0**-32, 1e-300])
+def test_scalar_mask_equals_float_compare(p: float) -> None:
+    n = 300_001
+    mask = bernoulli_mask(4, 1, KEY, 9, n, p)
+    assert torch.equal(mask, uniform01(4, 1, KEY, 9, n) < p)
+
+
+def test_tensor_mask_equals_float_compare() -> None:
+    n = 200_003  # several blocks of the compare, the last one partial
+    u = uniform01(4, 2, KEY, 11, n)
+    # Probabilities on both sides of each u, and equal to it: u < p must hold exactly.
+    other = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    p = torch.where(torch.arange(n) % 3 == 0, u, other)
+    mask = bernoulli_mask(4, 2, KEY, 11, n, p)
+    assert torch.equal(mask, u < p)
+    assert not bool(mask[::3].any())  # u < u never
+    assert torch.equal(bernoulli_mask(4, 2, KEY, 11, n, p.float()), u < p.float().double())
+    with pytest.raises(ValueError):
+        bernoulli_mask(4, 2, KEY, 11, n, p[:-1])
+
+
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9, 0.99])
 def test_bernoulli_rate(p: float) -> None:
     n = 400_000
@@ -152,20 +236,26 @@ def test_bernoulli_per_element_probabilities() -> None:
 
 def test_edges() -> None:
     assert uniform01(0, 0, KEY, 5, 0).shape == (0,)
+    assert bernoulli_mask(0, 0, KEY, 5, 0, 0.5).shape == (0,)
+    assert random_u32(0, 0, KEY, MAX_ELEMENTS, 0).shape == (0,)
     with pytest.raises(ValueError):
         uniform01(0, 0, KEY, -1, 3)
     with pytest.raises(ValueError):
         uniform01(0, 0, KEY, 0, -3)
+    with pytest.raises(ValueError):
+        random_u32(0, 0, KEY, MAX_ELEMENTS - 2, 3)
+    with pytest.raises(ValueError):
+        bernoulli_mask(0, 0, KEY, MAX_ELEMENTS, 1, 0.5)
 
 
 def test_speed_one_million() -> None:
-    uniform01(0, 0, KEY, 0, 1000)  # warm-up
+    bernoulli_mask(0, 0, KEY, 0, 1000, 0.3)  # warm-up
     best = math.inf
     for _ in range(3):
         t = time.perf_counter()
-        uniform01(0, 0, KEY, 3, 1_000_000)
+        bernoulli_mask(0, 0, KEY, 3, 1_000_000, 0.3)
         best = min(best, time.perf_counter() - t)
-    assert best < 0.5, best  # ~0.05 s on one core; generous for a shared CI box
+    assert best < 0.05, best  # ~2 ms on one core; generous for a shared CI box
 
 
 @pytest.mark.cuda
@@ -175,3 +265,6 @@ def test_cuda_equals_cpu() -> None:
     gpu = uniform01(8, 1, KEY, 5, 300_001, device="cuda")
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.cpu(), cpu)
+    p = torch.rand(300_001, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = bernoulli_mask(8, 1, KEY, 5, 300_001, p.cuda(), device="cuda")
+    assert mask.device.type == "cuda" and torch.equal(mask.cpu(), bernoulli_mask(8, 1, KEY, 5, 300_001, p))
