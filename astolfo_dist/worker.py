@@ -21,6 +21,7 @@ from .formats.dtypes import DTYPES, DType
 from .formats.readers import RangeReader
 from .plan import Plan, PlannedTensor, Source
 from .recipe.methods import weighted_sum
+from .recipe.workspace import Workspace
 from .shards import Shard
 
 
@@ -82,6 +83,8 @@ class ChunkBuffers:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._prefetched: dict[int, int] = {}  # reader -> end of the last readahead hint
         self._work: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Library methods' scratch, lent to every method this worker runs (allocated on first use).
+        self.workspace = Workspace(chunk_elems)
 
     def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
         """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""
@@ -207,6 +210,7 @@ def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuff
     from .recipe.library import build
 
     method = build(tensor.method, dict(tensor.params), base=tensor.base)
+    method.workspace = buffers.workspace
     numel, step = tensor.numel, ctx.chunk_elems
     acc_dtype = DTYPES[tensor.accumulator].torch_dtype
     out_dt = DTYPES[tensor.dtype]

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..stats import _PATTERNS, TopKResult, _key_dtype, magnitude_bits
+from ..workspace import Workspace
 
 HIST_BITS = 10
 COLLECT_CAP = 1024
@@ -93,41 +94,64 @@ class Selection:
     def _index_bits(self) -> int:
         return max(1, (self.numel - 1).bit_length())
 
-    def feed(self, x: torch.Tensor, start: int) -> None:
-        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass."""
+    def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
+        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass.
+
+        With `workspace`, the chunk-sized temporaries come from it (tags "select.*")."""
         if self.done:
             return
-        bits = magnitude_bits(x).to(torch.int64)
         kd = _key_dtype(x.dtype)
         if self.dtype is None:
             self.dtype = kd
         elif kd != self.dtype:
             raise TypeError(f"chunk dtype {x.dtype} differs from the earlier chunks' ({self.dtype})")
+        n = x.numel()
+
+        def scratch(tag: str, dtype: torch.dtype) -> torch.Tensor:
+            if workspace is None:
+                return torch.empty(n, dtype=dtype, device=x.device)
+            return workspace.buffer(tag, dtype, n, x.device)
+
+        bits = magnitude_bits(x, scratch("select.bits", torch.int64), workspace)
         if self.stage == "magnitude":
             keys = bits
             index = None
-        else:
-            index = torch.nonzero(bits == self.threshold_bits).reshape(-1).add_(start)
+        else:  # ties at the threshold to split: these temporaries hold only the ties
+            index = torch.nonzero(torch.eq(bits, self.threshold_bits, out=scratch("select.outside", torch.bool)))
+            index = index.reshape(-1).add_(start)
             keys = ((1 << self._index_bits()) - 1) - index  # the smallest index ranks first
         width = self._width()
-        if self.known:
-            sel = (keys >> (width - self.known)) == self.prefix
-            keys = keys[sel]
-            if self.collect and self.stage == "magnitude":
-                index = torch.nonzero(sel).reshape(-1).add_(start)
-        elif self.collect and self.stage == "magnitude":
-            index = torch.arange(start, start + keys.numel(), device=keys.device)
-        if self.collect:
-            self._append(keys.cpu(), None if self.stage == "index" else index.cpu())
+        if self.collect:  # at most COLLECT_CAP elements share the prefix: gather them
+            if self.known:
+                m = keys.numel()
+                shifted = scratch("select.digits", torch.int64)[:m]
+                torch.bitwise_right_shift(keys, width - self.known, out=shifted)
+                sel = torch.eq(shifted, self.prefix, out=scratch("select.outside", torch.bool)[:m])
+                keys = keys[sel]
+                if self.stage == "magnitude":
+                    index = torch.nonzero(sel).reshape(-1).add_(start)
+            elif self.stage == "magnitude":
+                index = torch.arange(start, start + n, device=keys.device)
+            # Copies: the state must not hold a view of the workspace.
+            self._append(keys.to("cpu", copy=True), None if self.stage == "index" else index.cpu())
             return
         digit_bits = min(HIST_BITS, width - self.known)
-        digits = (keys >> (width - self.known - digit_bits)) & ((1 << digit_bits) - 1)
         bins = 1 << digit_bits
-        counts = torch.bincount(digits, minlength=bins).cpu()
-        lo = torch.full((bins,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
-        hi = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
-        lo = lo.scatter_reduce_(0, digits, keys, "amin").cpu()
-        hi = hi.scatter_reduce_(0, digits, keys, "amax").cpu()
+        m = keys.numel()
+        digits = scratch("select.digits", torch.int64)[:m]
+        outside: torch.Tensor | None = None
+        if self.known:  # keys not sharing the prefix go to an extra bin, dropped below
+            outside = scratch("select.outside", torch.bool)[:m]
+            torch.ne(torch.bitwise_right_shift(keys, width - self.known, out=digits), self.prefix, out=outside)
+        torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
+        if outside is not None:
+            digits.masked_fill_(outside, bins)
+        slots = bins + (outside is not None)
+        counts = torch.bincount(digits, minlength=slots)[:bins].cpu()
+        lo = torch.full((slots,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
+        hi = torch.full((slots,), -1, dtype=torch.int64, device=keys.device)
+        lo = lo.scatter_reduce_(0, digits, keys, "amin")[:bins].cpu()
+        hi = hi.scatter_reduce_(0, digits, keys, "amax")[:bins].cpu()
         if self.hist is None:
             self.hist, self.hmin, self.hmax = counts, lo, hi
         else:
@@ -254,11 +278,13 @@ class Selection:
             passes=self.passes,
         )
 
-    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Bool mask of the kept elements among [start, start + x.numel())."""
+    def mask(
+        self, x: torch.Tensor, start: int, *, out: torch.Tensor | None = None, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """Bool mask of the kept elements among [start, start + x.numel()) (into `out` if given)."""
         if self.result is None:
             raise RuntimeError("the selection needs more passes")
-        return self.result.mask(x, start)
+        return self.result.mask(x, start, out=out, workspace=workspace)
 
     def nbytes(self) -> int:
         held = (self.hist, self.hmin, self.hmax, self.cand_key, self.cand_index)

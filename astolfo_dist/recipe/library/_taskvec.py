@@ -73,10 +73,12 @@ class TaskVectorMethod(Method):
 
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
         p: TaskVectorParams = self.params
+        ws = self.workspace
         others = self.others(state.n_inputs)
         weights = input_weights(self.name, p.weights, len(others))
-        base = read(self.base).clone()
-        delta = torch.empty_like(base)
+        x = read(self.base)
+        base = ws.like("taskvec.base", x).copy_(x)
+        delta = ws.like("taskvec.delta", base)
 
         def weighted_delta(j: int, i: int) -> torch.Tensor:
             torch.sub(read(i), base, out=delta)
@@ -85,32 +87,38 @@ class TaskVectorMethod(Method):
 
         elected: torch.Tensor | None = None
         if p.sign_election:
-            score = torch.zeros_like(base)
+            score = ws.like("taskvec.score", base).zero_()
+            sign = ws.like("taskvec.sign", base)
             for j, i in enumerate(others):
                 d = weighted_delta(j, i)
-                score.add_(d if p.consensus == "sum" else torch.sign(d))
-            elected = score >= 0  # True: +, False: - (a tie elects +)
-            del score
+                score.add_(d if p.consensus == "sum" else torch.sign(d, out=sign))
+            elected = torch.ge(score, 0, out=ws.like("taskvec.elected", base, torch.bool))  # True: +, a tie elects +
         mix = out
         mix.zero_()
         divisor: torch.Tensor | None = None
         if p.normalized and elected is not None:
-            divisor = torch.zeros_like(base)
+            divisor = ws.like("taskvec.divisor", base).zero_()
+            agreef = ws.like("taskvec.agreef", base)
+        if elected is not None:
+            pos = ws.like("taskvec.pos", base, torch.bool)
+            neg = ws.like("taskvec.neg", base, torch.bool)
+            agree = ws.like("taskvec.agree", base, torch.bool)
         for j, i in enumerate(others):
             d = weighted_delta(j, i)
             if elected is None:
                 mix.add_(d)
                 continue
-            agree = torch.where(elected, d > 0, d < 0)
-            mix.add_(d.masked_fill_(~agree, 0.0))
+            torch.where(elected, torch.gt(d, 0, out=pos), torch.lt(d, 0, out=neg), out=agree)
             if divisor is not None:
-                divisor.add_(agree.to(divisor.dtype), alpha=weights[j])  # w * {0, 1} is exact
+                agreef.copy_(agree)
+                divisor.add_(agreef, alpha=weights[j])  # w * {0, 1} is exact
+            mix.add_(d.masked_fill_(agree.logical_not_(), 0.0))
         if p.normalized:
             if divisor is None:
                 total = _ordered_sum(weights)
                 mix.div_(total if total != 0.0 else 1.0)
             else:
-                mix.div_(divisor.masked_fill_(divisor == 0, 1.0))
+                mix.div_(divisor.masked_fill_(torch.eq(divisor, 0, out=pos), 1.0))
         mix.mul_(p.lambda_)
         mix.add_(base)
 
@@ -146,6 +154,7 @@ class SelectingMethod(TaskVectorMethod):
         raise NotImplementedError
 
     def keep(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the selections' masks into the keep mask (may overwrite `masks`)."""
         return masks[0]
 
     @property
@@ -160,14 +169,16 @@ class SelectingMethod(TaskVectorMethod):
         return state
 
     def _observe(self, state: SelectionState, start: int, read: Read) -> int:
-        base = read(self.base).clone()
-        delta = torch.empty_like(base)
+        ws = self.workspace
+        x = read(self.base)
+        base = ws.like("taskvec.base", x).copy_(x)
+        delta = ws.like("taskvec.delta", base)
         for j, i in enumerate(self.others(state.n_inputs)):
             if all(sel.done for sel in state.selections[j]):
                 continue
             torch.sub(read(i), base, out=delta)
             for sel in state.selections[j]:
-                sel.feed(delta, start)
+                sel.feed(delta, start, ws)
         return base.numel()
 
     def _end_pass(self, state: SelectionState) -> None:
@@ -185,5 +196,7 @@ class SelectingMethod(TaskVectorMethod):
         sels = state.selections[j]
         if len(sels) == 1 and sels[0].k == sels[0].numel:
             return  # everything kept
-        keep = self.keep([sel.mask(delta, start) for sel in sels])
-        delta.masked_fill_(~keep, 0.0)
+        ws = self.workspace
+        masks = [sel.mask(delta, start, out=ws.like(f"taskvec.keep{m}", delta, torch.bool), workspace=ws)
+                 for m, sel in enumerate(sels)]
+        delta.masked_fill_(self.keep(masks).logical_not_(), 0.0)
