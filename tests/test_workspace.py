@@ -88,3 +88,32 @@ def test_steady_state_allocates_nothing_chunk_sized(name):
     assert torch.equal(first, second)
     biggest = max((e.self_cpu_memory_usage, e.name) for e in prof.events())
     assert biggest[0] < numel, f"{name}: {biggest[1]} kept {biggest[0]} bytes (a bool chunk is {numel})"
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "repeated"])
+def test_selection_with_a_workspace_selects_the_same(kind):
+    """Every stage of the exact selection (histograms, prefix filter, collect, tie indices)
+    through workspace buffers, chunk by chunk, against the same selection allocating."""
+    from astolfo_dist.recipe.library._select import COLLECT_CAP, Selection
+
+    torch.manual_seed(3)
+    for numel in (700, COLLECT_CAP + 1, 20000):
+        x = torch.randn(numel)
+        if kind == "zeros":
+            x[torch.rand(numel) < 0.7] = 0.0
+        elif kind == "repeated":
+            x = torch.randint(-3, 4, (numel,)).float()  # heavy ties: the index stage runs
+        for k in (1, numel // 3, numel - 1):
+            plain, reused = Selection(numel, k), Selection(numel, k)
+            ws = Workspace(capacity=4096)
+            while not plain.done:
+                for s in range(0, numel, 4096):
+                    plain.feed(x[s : s + 4096], s)
+                    reused.feed(x[s : s + 4096], s, ws)
+                plain.end_pass()
+                reused.end_pass()
+            assert reused.done and reused.result == plain.result
+            for s in range(0, numel, 4096):
+                out = ws.buffer("test.mask", torch.bool, min(4096, numel - s), "cpu")
+                got = reused.mask(x[s : s + 4096], s, out=out, workspace=ws)
+                assert torch.equal(got, plain.mask(x[s : s + 4096], s))

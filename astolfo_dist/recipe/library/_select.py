@@ -112,46 +112,43 @@ class Selection:
                 return torch.empty(n, dtype=dtype, device=x.device)
             return workspace.buffer(tag, dtype, n, x.device)
 
+        def positions(mask: torch.Tensor) -> torch.Tensor:
+            """Indices of the True elements, into a buffer: nonzero sizes its `out`, and a view
+            with no elements grows within the buffer's storage (no allocation, no warning)."""
+            where = scratch("select.where", torch.int64)[:0].view(0, 1)
+            return torch.nonzero(mask, out=where).view(-1)
+
         bits = magnitude_bits(x, scratch("select.bits", torch.int64), workspace)
         if self.stage == "magnitude":
             keys = bits
-            index = None
-        else:  # ties at the threshold to split: these temporaries hold only the ties
-            index = torch.nonzero(torch.eq(bits, self.threshold_bits, out=scratch("select.outside", torch.bool)))
-            index = index.reshape(-1).add_(start)
-            keys = ((1 << self._index_bits()) - 1) - index  # the smallest index ranks first
+        else:  # ties at the threshold to split: rank their indices, the smallest first
+            ties = positions(torch.eq(bits, self.threshold_bits, out=scratch("select.mask", torch.bool)))
+            keys = torch.neg(ties, out=scratch("select.keys", torch.int64)[: ties.numel()])
+            keys.add_((1 << self._index_bits()) - 1 - start)  # (2**bits - 1) - (start + position)
         width = self._width()
-        if self.collect:  # at most COLLECT_CAP elements share the prefix: gather them
-            if self.known:
-                m = keys.numel()
-                shifted = scratch("select.digits", torch.int64)[:m]
-                torch.bitwise_right_shift(keys, width - self.known, out=shifted)
-                sel = torch.eq(shifted, self.prefix, out=scratch("select.outside", torch.bool)[:m])
-                keys = keys[sel]
-                if self.stage == "magnitude":
-                    index = torch.nonzero(sel).reshape(-1).add_(start)
-            elif self.stage == "magnitude":
+        index: torch.Tensor | None = None  # the candidates' element indices (magnitude collect)
+        if self.known:  # only the keys sharing the prefix found so far
+            m = keys.numel()
+            shifted = torch.bitwise_right_shift(keys, width - self.known, out=scratch("select.digits", torch.int64)[:m])
+            inside = positions(torch.eq(shifted, self.prefix, out=scratch("select.mask", torch.bool)[:m]))
+            if self.collect and self.stage == "magnitude":
+                index = inside.add(start)
+            keys = torch.index_select(keys, 0, inside, out=scratch("select.picked", torch.int64)[: inside.numel()])
+        if self.collect:  # at most COLLECT_CAP keys share the prefix: gather them
+            if self.stage == "magnitude" and index is None:  # a tensor of at most COLLECT_CAP elements
                 index = torch.arange(start, start + n, device=keys.device)
             # Copies: the state must not hold a view of the workspace.
-            self._append(keys.to("cpu", copy=True), None if self.stage == "index" else index.cpu())
+            self._append(keys.to("cpu", copy=True), None if index is None else index.cpu())
             return
         digit_bits = min(HIST_BITS, width - self.known)
         bins = 1 << digit_bits
-        m = keys.numel()
-        digits = scratch("select.digits", torch.int64)[:m]
-        outside: torch.Tensor | None = None
-        if self.known:  # keys not sharing the prefix go to an extra bin, dropped below
-            outside = scratch("select.outside", torch.bool)[:m]
-            torch.ne(torch.bitwise_right_shift(keys, width - self.known, out=digits), self.prefix, out=outside)
+        digits = scratch("select.digits", torch.int64)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
-        if outside is not None:
-            digits.masked_fill_(outside, bins)
-        slots = bins + (outside is not None)
-        counts = torch.bincount(digits, minlength=slots)[:bins].cpu()
-        lo = torch.full((slots,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
-        hi = torch.full((slots,), -1, dtype=torch.int64, device=keys.device)
-        lo = lo.scatter_reduce_(0, digits, keys, "amin")[:bins].cpu()
-        hi = hi.scatter_reduce_(0, digits, keys, "amax")[:bins].cpu()
+        counts = torch.bincount(digits, minlength=bins).cpu()
+        lo = torch.full((bins,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
+        hi = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
+        lo = lo.scatter_reduce_(0, digits, keys, "amin").cpu()
+        hi = hi.scatter_reduce_(0, digits, keys, "amax").cpu()
         if self.hist is None:
             self.hist, self.hmin, self.hmax = counts, lo, hi
         else:
