@@ -78,11 +78,12 @@ class Inputs:
             self.models = [resolve_model(m, cache_dir) for m in recipe.inputs]
             donor_names = list(dict.fromkeys(donor for _prefix, donor in recipe.replace))
             self.donors = [resolve_model(d, cache_dir) for d in donor_names]
+            shared: dict[object, object] = {}  # the inputs' headers share their key names and shapes
             for model in self.models + self.donors:
                 for file in model.files:
                     if file not in self.readers:
                         self.readers[file] = open_reader(file, cache_dir=cache_dir)
-                        self.headers[file] = read_header(self.readers[file])
+                        self.headers[file] = read_header(self.readers[file], shared)
         except BaseException:
             self.close()
             raise

@@ -171,7 +171,7 @@ class Plan:
 SINGLE_OUTPUT = ""  # OutputLayout.name of a single-file output: the -o path itself
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Held:
     file: str
     header: Header

@@ -22,6 +22,7 @@ from .formats.readers import RangeReader
 from .plan import Plan, PlannedTensor, Source
 from .recipe.library.base import State
 from .recipe.methods import weighted_sum
+from .recipe.workspace import Workspace
 from .shards import Shard
 
 
@@ -83,6 +84,8 @@ class ChunkBuffers:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._prefetched: dict[int, int] = {}  # reader -> end of the last readahead hint
         self._work: dict[object, tuple[torch.Tensor, ...]] = {}
+        # Library methods' scratch, lent to every method this worker runs (allocated on first use).
+        self.workspace = Workspace(chunk_elems)
 
     def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
         """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""
@@ -226,6 +229,8 @@ class _TensorGraph:
 
         self.ctx, self.tensor, self.calls = ctx, tensor, tensor.graph
         self.methods = [build(c.method, dict(c.params), base=c.base) for c in self.calls]
+        for j, method in enumerate(self.methods):  # each node its own scratch namespace
+            method.workspace = buffers.workspace.scope(f"{j}/")
         self.states: list[State | None] = [None] * len(self.calls)
         self.n_sources = len(tensor.sources)
         acc_dtype = DTYPES[tensor.accumulator].torch_dtype

@@ -366,3 +366,22 @@ def test_mutated_files_are_rejected_cleanly_or_agree_with_safetensors(mutation):
                 assert tuple(sl.get_shape()) == info.shape
                 assert read_back(path, parsed, name) == _raw(f.get_tensor(name)), name
         assert os.path.getsize(path) == parsed.data_start + max((i.end for i in parsed.tensors.values()), default=0)
+
+
+def test_headers_parsed_together_share_names_and_shapes():
+    """The inputs of a merge have the same keys: with a `shared` dict their headers hold one
+    copy of each name and shape, not one per input (the plan's per-input memory)."""
+    from astolfo_dist.formats.header import parse_header_bytes
+
+    header = {KEY: entry(shape=(2,)), OTHER: entry(shape=(1, 2), offsets=(8, 16))}
+    raw = json.dumps(header).encode()
+    size = 8 + len(raw) + 16
+    shared: dict[object, object] = {}
+    a, b = (parse_header_bytes(f"m{i}", raw, size, shared) for i in range(2))
+    for name in (KEY, OTHER):
+        info_a, info_b = a.tensors[name], b.tensors[name]
+        assert info_a == info_b
+        assert info_a.name is info_b.name and info_a.shape is info_b.shape
+        assert next(k for k in b.tensors if k == name) is info_a.name  # the dict keys too
+    unshared = parse_header_bytes("m", raw, size)
+    assert unshared.tensors == a.tensors and unshared.tensors[KEY].name is not a.tensors[KEY].name

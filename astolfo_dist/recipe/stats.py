@@ -29,6 +29,8 @@ from fractions import Fraction
 
 import torch
 
+from .workspace import Workspace
+
 
 @dataclass(frozen=True)
 class _Pattern:
@@ -53,15 +55,26 @@ def _key_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _PATTERNS else torch.float32
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """|x| as non-negative integers that order like |x| (flattened, element-index order)."""
+def magnitude_bits(
+    x: torch.Tensor, out: torch.Tensor | None = None, workspace: Workspace | None = None
+) -> torch.Tensor:
+    """|x| as non-negative integers that order like |x| (flattened, element-index order).
+
+    `out`: where to write them (x.numel() elements of the pattern's integer dtype or a wider
+    one, e.g. int64); `workspace`: scratch for widening float8 (else allocated)."""
     kd = _key_dtype(x.dtype)
     pat = _PATTERNS[kd]
     flat = x.reshape(-1)
-    if flat.dtype != kd:
-        flat = flat.to(kd)  # float8 -> float32 is exact
-    bits = flat.view(pat.int_dtype) & ((1 << pat.bits) - 1)  # clear the sign bit
-    return bits.clamp_max(pat.inf + 1)  # one NaN pattern, so all NaNs tie
+    if flat.dtype != kd:  # float8 -> float32 is exact
+        flat = flat.to(kd) if workspace is None else workspace.like("magnitude_bits.widen", flat, kd).copy_(flat)
+    sign_cleared = (1 << pat.bits) - 1
+    if out is None:
+        bits = flat.view(pat.int_dtype) & sign_cleared
+    elif out.dtype == pat.int_dtype:
+        bits = torch.bitwise_and(flat.view(pat.int_dtype), sign_cleared, out=out)
+    else:  # widen first (sign-extended; the mask clears the extension): an `out=` of another
+        bits = out.copy_(flat.view(pat.int_dtype)).bitwise_and_(sign_cleared)  # dtype costs a temporary
+    return bits.clamp_max_(pat.inf + 1)  # one NaN pattern, so all NaNs tie
 
 
 def _split_widths(total: int, max_bits: int) -> tuple[int, ...]:
@@ -102,20 +115,32 @@ class TopKResult:
     cut_index: int
     passes: int  # passes over the chunks it took
 
-    def mask(self, chunk: torch.Tensor, start: int) -> torch.Tensor:
-        """Bool mask (shape of `chunk`) of the kept elements among [start, start + chunk.numel())."""
+    def mask(
+        self, chunk: torch.Tensor, start: int, *, out: torch.Tensor | None = None, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """Bool mask (shape of `chunk`) of the kept elements among [start, start + chunk.numel()).
+
+        With `out` (a bool tensor of chunk.numel() elements) it is written there, 1-D; with
+        `workspace`, the temporaries come from it (tags "topk.*")."""
         if self.k == 0 or self.k == self.numel:
+            if out is not None:
+                return out.fill_(self.k > 0)
             return torch.full(chunk.shape, self.k > 0, dtype=torch.bool, device=chunk.device)
         if _key_dtype(chunk.dtype) != self.dtype:
             raise TypeError(f"chunk dtype {chunk.dtype} differs from the selection's {self.dtype}")
-        bits = magnitude_bits(chunk)
-        keep = bits > self.threshold_bits
+        n = chunk.numel()
+
+        def scratch(tag: str, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if workspace is None else workspace.buffer(tag, dtype, n, chunk.device)
+
+        bits = magnitude_bits(chunk, scratch("topk.bits", _PATTERNS[self.dtype].int_dtype), workspace)
+        keep = torch.gt(bits, self.threshold_bits, out=out.view(-1) if out is not None else None)
         if self.cut_index > start and self.n_equal_to_keep:
-            tied = bits == self.threshold_bits
-            if self.cut_index < start + bits.numel():
-                tied &= torch.arange(start, start + bits.numel(), device=bits.device) < self.cut_index
+            tied = torch.eq(bits, self.threshold_bits, out=scratch("topk.tied", torch.bool))
+            if self.cut_index < start + n:
+                tied[self.cut_index - start :] = False  # ties are kept in index order, up to the cut
             keep |= tied
-        return keep.reshape(chunk.shape)
+        return keep if out is not None else keep.reshape(chunk.shape)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..workspace import Workspace
+
 _SHIFT = 1126  # value * 2**_SHIFT is an integer for every finite float64
 _BINS = 2098  # frexp exponents -1073..1024, shifted to 0..2097
 _SPLIT = 26
@@ -34,15 +36,22 @@ class ExactSum:
     total: int = 0  # exact sum of the finite terms, times 2**_SHIFT
     special: float = 0.0  # sum of the non-finite terms (0.0: none)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add every element of `x` (converted to float64, which is exact for narrower floats)."""
+    def add(self, x: torch.Tensor, workspace: Workspace | None = None) -> None:
+        """Add every element of `x` (converted to float64, which is exact for narrower floats).
+
+        With `workspace`, the chunk-sized temporaries come from it (tags "exact.*")."""
         x = x.reshape(-1)
         if x.dtype != torch.float64:
-            x = x.to(torch.float64)
+            x = x.to(torch.float64) if workspace is None else workspace.like("exact.x", x, torch.float64).copy_(x)
         n = x.numel()
         if n == 0:
             return
-        finite = torch.isfinite(x)
+
+        def scratch(tag: str, like: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.empty_like(like, dtype=dtype) if workspace is None else workspace.like(tag, like, dtype)
+
+        q = scratch("exact.q", x)
+        finite = torch.lt(torch.abs(x, out=q), math.inf, out=scratch("exact.ok", x, torch.bool))  # NaN: False
         if not bool(finite.all()):
             self._add_special(x[~finite])
             x = x[finite]
@@ -53,7 +62,7 @@ class ExactSum:
         # a multiple of the grid below 2**j). Each level peels 53 - log2(2n) bits off the top.
         lg = n.bit_length() + 1
         r: torch.Tensor | None = None
-        q = torch.empty_like(x)
+        q = q[:n]  # fewer elements if non-finite ones were set apart
         total = self.total
         while True:
             src = x if r is None else r
@@ -67,7 +76,7 @@ class ExactSum:
             sigma = math.ldexp(1.0, j)
             torch.add(src, sigma, out=q).sub_(sigma)
             if r is None:
-                r = x - q
+                r = torch.sub(x, q, out=scratch("exact.r", x))
             else:
                 r.sub_(q)
             s = float(q.sum())  # exact
@@ -118,8 +127,19 @@ class ExactSum:
             return math.inf if self.total > 0 else -math.inf
 
 
-def exact_dot(a: torch.Tensor, b: torch.Tensor, acc: ExactSum) -> None:
-    """acc += sum(a * b), each product rounded once in float64 (exact for float32 inputs)."""
-    a64 = a if a.dtype == torch.float64 else a.to(torch.float64)
-    b64 = b if b.dtype == torch.float64 else b.to(torch.float64)
-    acc.add(a64 * b64)
+def exact_dot(a: torch.Tensor, b: torch.Tensor, acc: ExactSum, workspace: Workspace | None = None) -> None:
+    """acc += sum(a * b), each product rounded once in float64 (exact for float32 inputs).
+
+    With `workspace`, the chunk-sized temporaries come from it (tags "exact.*")."""
+
+    def widen(t: torch.Tensor, tag: str) -> torch.Tensor:
+        if t.dtype == torch.float64:
+            return t
+        return t.to(torch.float64) if workspace is None else workspace.like(tag, t, torch.float64).copy_(t)
+
+    a64 = widen(a, "exact.a")
+    b64 = a64 if b is a else widen(b, "exact.b")
+    if workspace is None:
+        acc.add(a64 * b64)
+    else:
+        acc.add(torch.mul(a64, b64, out=workspace.like("exact.prod", a64)), workspace)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..stats import _PATTERNS, TopKResult, _key_dtype, magnitude_bits
+from ..workspace import Workspace
 
 HIST_BITS = 10
 COLLECT_CAP = 1024
@@ -93,36 +94,56 @@ class Selection:
     def _index_bits(self) -> int:
         return max(1, (self.numel - 1).bit_length())
 
-    def feed(self, x: torch.Tensor, start: int) -> None:
-        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass."""
+    def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
+        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass.
+
+        With `workspace`, the chunk-sized temporaries come from it (tags "select.*")."""
         if self.done:
             return
-        bits = magnitude_bits(x).to(torch.int64)
         kd = _key_dtype(x.dtype)
         if self.dtype is None:
             self.dtype = kd
         elif kd != self.dtype:
             raise TypeError(f"chunk dtype {x.dtype} differs from the earlier chunks' ({self.dtype})")
+        n = x.numel()
+
+        def scratch(tag: str, dtype: torch.dtype) -> torch.Tensor:
+            if workspace is None:
+                return torch.empty(n, dtype=dtype, device=x.device)
+            return workspace.buffer(tag, dtype, n, x.device)
+
+        def positions(mask: torch.Tensor) -> torch.Tensor:
+            """Indices of the True elements, into a buffer: nonzero sizes its `out`, and a view
+            with no elements grows within the buffer's storage (no allocation, no warning)."""
+            where = scratch("select.where", torch.int64)[:0].view(0, 1)
+            return torch.nonzero(mask, out=where).view(-1)
+
+        bits = magnitude_bits(x, scratch("select.bits", torch.int64), workspace)
         if self.stage == "magnitude":
             keys = bits
-            index = None
-        else:
-            index = torch.nonzero(bits == self.threshold_bits).reshape(-1).add_(start)
-            keys = ((1 << self._index_bits()) - 1) - index  # the smallest index ranks first
+        else:  # ties at the threshold to split: rank their indices, the smallest first
+            ties = positions(torch.eq(bits, self.threshold_bits, out=scratch("select.mask", torch.bool)))
+            keys = torch.neg(ties, out=scratch("select.keys", torch.int64)[: ties.numel()])
+            keys.add_((1 << self._index_bits()) - 1 - start)  # (2**bits - 1) - (start + position)
         width = self._width()
-        if self.known:
-            sel = (keys >> (width - self.known)) == self.prefix
-            keys = keys[sel]
+        index: torch.Tensor | None = None  # the candidates' element indices (magnitude collect)
+        if self.known:  # only the keys sharing the prefix found so far
+            m = keys.numel()
+            shifted = torch.bitwise_right_shift(keys, width - self.known, out=scratch("select.digits", torch.int64)[:m])
+            inside = positions(torch.eq(shifted, self.prefix, out=scratch("select.mask", torch.bool)[:m]))
             if self.collect and self.stage == "magnitude":
-                index = torch.nonzero(sel).reshape(-1).add_(start)
-        elif self.collect and self.stage == "magnitude":
-            index = torch.arange(start, start + keys.numel(), device=keys.device)
-        if self.collect:
-            self._append(keys.cpu(), None if self.stage == "index" else index.cpu())
+                index = inside.add(start)
+            keys = torch.index_select(keys, 0, inside, out=scratch("select.picked", torch.int64)[: inside.numel()])
+        if self.collect:  # at most COLLECT_CAP keys share the prefix: gather them
+            if self.stage == "magnitude" and index is None:  # a tensor of at most COLLECT_CAP elements
+                index = torch.arange(start, start + n, device=keys.device)
+            # Copies: the state must not hold a view of the workspace.
+            self._append(keys.to("cpu", copy=True), None if index is None else index.cpu())
             return
         digit_bits = min(HIST_BITS, width - self.known)
-        digits = (keys >> (width - self.known - digit_bits)) & ((1 << digit_bits) - 1)
         bins = 1 << digit_bits
+        digits = scratch("select.digits", torch.int64)[: keys.numel()]
+        torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
         counts = torch.bincount(digits, minlength=bins).cpu()
         lo = torch.full((bins,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
         hi = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
@@ -254,11 +275,13 @@ class Selection:
             passes=self.passes,
         )
 
-    def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Bool mask of the kept elements among [start, start + x.numel())."""
+    def mask(
+        self, x: torch.Tensor, start: int, *, out: torch.Tensor | None = None, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """Bool mask of the kept elements among [start, start + x.numel()) (into `out` if given)."""
         if self.result is None:
             raise RuntimeError("the selection needs more passes")
-        return self.result.mask(x, start)
+        return self.result.mask(x, start, out=out, workspace=workspace)
 
     def nbytes(self) -> int:
         held = (self.hist, self.hmin, self.hmax, self.cand_key, self.cand_index)

@@ -8,17 +8,24 @@ arithmetic), each element computes
     sign election (optional, TIES-style):
         "sum":   S = d_1 + d_2 + ... + d_n         (in input order)
         "count": S = sign(d_1) + ... + sign(d_n)
-        elected sign = +1 where S >= 0, else -1    (a tie elects +)
-        agree_i = sign(d_i) == elected             (a zero d_i never agrees)
+        elected sign = +1 where S >= 0, else -1    (a tie elects +; a NaN S elects -)
+        agree_i = sign(d_i) == elected             (a zero or NaN d_i never agrees)
     without election every input agrees
     m = sum over agreeing i of d_i                 (in input order, from +0)
     normalize: m = m / D with D = the sum of w_i over agreeing i (per element with election,
                one number without), where D == 0 is read as 1
     out = b + lambda * m                            (m * lambda, then + b)
 
-Memory per chunk: the base, one input delta, the mix, the divisor and the elected signs:
-five chunk-sized buffers whatever the number of inputs. Inputs are read once per sweep:
-1 + n reads per chunk, 1 + 2n with sign election (one sweep elects, one sweep mixes).
+One sweep over the inputs: 1 + n reads per chunk, and each input is sparsified once (for
+DARE and DELLA, one draw of its random mask). With sign election the agreeing sum cannot
+wait for the elected sign, so the sweep keeps S, the sum of the positive d_i and the sum of
+the negative d_i (each in input order from +0, the other elements adding +0: the very
+additions the agreeing sum makes) and, with normalize, the weights of each side; then each
+element takes the side its sign elected. Memory per chunk (workspace buffers besides `out`,
+which holds the mix): without election the base and one input delta (two chunk-sized
+buffers); with election also S, the negative sum, one term and two bool masks (five more),
+and with normalize the two weight sums (two more): nine at most, whatever the number of
+inputs. Sparsification adds its own (TIES: the keep masks and the magnitude patterns).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import ClassVar
 
 import torch
 
+from ..workspace import Workspace
 from ._select import MAX_PASSES, Selection
 from .base import Method, Params, Read, State, input_weights
 
@@ -73,46 +81,68 @@ class TaskVectorMethod(Method):
 
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
         p: TaskVectorParams = self.params
-        others = self.others(state.n_inputs)
-        weights = input_weights(self.name, p.weights, len(others))
-        base = read(self.base).clone()
-        delta = torch.empty_like(base)
-
-        def weighted_delta(j: int, i: int) -> torch.Tensor:
+        ws = self.workspace
+        weights = input_weights(self.name, p.weights, state.n_inputs - 1)
+        x = read(self.base)
+        base = ws.like("taskvec.base", x).copy_(x)
+        delta = ws.like("taskvec.delta", base)
+        mix = out.zero_()
+        sides = _Sides(ws, mix, p.consensus, p.normalized) if p.sign_election else None
+        for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
             torch.sub(read(i), base, out=delta)
             self.sparsify(state, j, i, start, delta)
-            return delta.mul_(weights[j])
-
-        elected: torch.Tensor | None = None
-        if p.sign_election:
-            score = torch.zeros_like(base)
-            for j, i in enumerate(others):
-                d = weighted_delta(j, i)
-                score.add_(d if p.consensus == "sum" else torch.sign(d))
-            elected = score >= 0  # True: +, False: - (a tie elects +)
-            del score
-        mix = out
-        mix.zero_()
-        divisor: torch.Tensor | None = None
-        if p.normalized and elected is not None:
-            divisor = torch.zeros_like(base)
-        for j, i in enumerate(others):
-            d = weighted_delta(j, i)
-            if elected is None:
+            d = delta.mul_(weights[j])
+            if sides is None:
                 mix.add_(d)
-                continue
-            agree = torch.where(elected, d > 0, d < 0)
-            mix.add_(d.masked_fill_(~agree, 0.0))
-            if divisor is not None:
-                divisor.add_(agree.to(divisor.dtype), alpha=weights[j])  # w * {0, 1} is exact
-        if p.normalized:
-            if divisor is None:
-                total = _ordered_sum(weights)
-                mix.div_(total if total != 0.0 else 1.0)
             else:
-                mix.div_(divisor.masked_fill_(divisor == 0, 1.0))
+                sides.add(d, weights[j])
+        if sides is not None:
+            sides.elect()
+        elif p.normalized:
+            total = _ordered_sum(weights)
+            mix.div_(total if total != 0.0 else 1.0)
         mix.mul_(p.lambda_)
         mix.add_(base)
+
+
+class _Sides:
+    """Sign election in the same sweep as the mix: the sign is known only once every input
+    was seen, so both candidates are summed on the way.
+
+    `mix` sums the positive d_i and `neg` the negative ones, each in input order from +0 with
+    the other elements adding +0: exactly the additions the sum of the agreeing d_i makes, so
+    `elect` picking the elected side per element equals it bit for bit. With `normalize` the
+    weights of each side are summed likewise (w * {0, 1} is exact)."""
+
+    def __init__(self, ws: Workspace, mix: torch.Tensor, consensus: str, normalized: bool) -> None:
+        self.mix, self.count = mix, consensus == "count"
+        self.score = ws.like("taskvec.score", mix).zero_()
+        self.neg = ws.like("taskvec.neg", mix).zero_()
+        self.term = ws.like("taskvec.term", mix)
+        self.is_pos = ws.like("taskvec.is_pos", mix, torch.bool)
+        self.is_neg = ws.like("taskvec.is_neg", mix, torch.bool)
+        self.zero = ws.buffer("taskvec.zero", mix.dtype, 1, mix.device).zero_()[0]  # where(out=) takes no scalar
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        if normalized:
+            self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
+
+    def add(self, d: torch.Tensor, w: float) -> None:
+        self.score.add_(torch.sign(d, out=self.term) if self.count else d)
+        torch.gt(d, 0, out=self.is_pos)  # a zero or NaN d is on neither side: it never agrees
+        torch.lt(d, 0, out=self.is_neg)
+        self.mix.add_(torch.where(self.is_pos, d, self.zero, out=self.term))
+        self.neg.add_(torch.where(self.is_neg, d, self.zero, out=self.term))
+        if self.weights is not None:
+            self.weights[0].add_(self.term.copy_(self.is_pos), alpha=w)
+            self.weights[1].add_(self.term.copy_(self.is_neg), alpha=w)
+
+    def elect(self) -> None:
+        """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1)."""
+        elected = torch.ge(self.score, 0, out=self.is_pos)  # True: +; a tie elects +, a NaN score -
+        torch.where(elected, self.mix, self.neg, out=self.mix)
+        if self.weights is not None:
+            divisor = torch.where(elected, *self.weights, out=self.weights[0])
+            self.mix.div_(divisor.masked_fill_(torch.eq(divisor, 0, out=self.is_neg), 1.0))
 
 
 def _ordered_sum(values: tuple[float, ...]) -> float:
@@ -146,6 +176,7 @@ class SelectingMethod(TaskVectorMethod):
         raise NotImplementedError
 
     def keep(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the selections' masks into the keep mask (may overwrite `masks`)."""
         return masks[0]
 
     @property
@@ -160,14 +191,16 @@ class SelectingMethod(TaskVectorMethod):
         return state
 
     def _observe(self, state: SelectionState, start: int, read: Read) -> int:
-        base = read(self.base).clone()
-        delta = torch.empty_like(base)
+        ws = self.workspace
+        x = read(self.base)
+        base = ws.like("taskvec.base", x).copy_(x)
+        delta = ws.like("taskvec.delta", base)
         for j, i in enumerate(self.others(state.n_inputs)):
             if all(sel.done for sel in state.selections[j]):
                 continue
             torch.sub(read(i), base, out=delta)
             for sel in state.selections[j]:
-                sel.feed(delta, start)
+                sel.feed(delta, start, ws)
         return base.numel()
 
     def _end_pass(self, state: SelectionState) -> None:
@@ -185,5 +218,7 @@ class SelectingMethod(TaskVectorMethod):
         sels = state.selections[j]
         if len(sels) == 1 and sels[0].k == sels[0].numel:
             return  # everything kept
-        keep = self.keep([sel.mask(delta, start) for sel in sels])
-        delta.masked_fill_(~keep, 0.0)
+        ws = self.workspace
+        masks = [sel.mask(delta, start, out=ws.like(f"taskvec.keep{m}", delta, torch.bool), workspace=ws)
+                 for m, sel in enumerate(sels)]
+        delta.masked_fill_(self.keep(masks).logical_not_(), 0.0)

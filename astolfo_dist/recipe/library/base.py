@@ -18,6 +18,12 @@ tensor in the accumulator dtype (float32 or float64), read again from storage on
 The tensor is valid only until the next `read` call: a method copies what it must keep into
 its own chunk-sized scratch. `out` has the chunk's length and the accumulator dtype.
 
+Scratch. Chunk-sized temporaries come from `self.workspace` (recipe/workspace.py: views into
+buffers reused from chunk to chunk and tensor to tensor), written with `out=` and in-place
+operations, so that `observe` and `output` allocate nothing chunk-sized once the buffers
+exist. A method made on its own has a workspace of its own; the worker replaces it with the
+one it owns, shared by every method that worker runs.
+
 Passes. `tensor_passes` is an upper bound on the number of statistic passes (0: purely
 elementwise, no state beyond the parameters). Some methods finish early, depending on the
 data (an exact top-k selection stops when few candidates are left; Weiszfeld stops when
@@ -54,6 +60,7 @@ from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 import torch
 
 from ...errors import UsageError
+from ..workspace import Workspace
 
 Read = Callable[[int], torch.Tensor]
 """read(i) -> chunk of input i, accumulator dtype, valid until the next call."""
@@ -200,6 +207,7 @@ class Method(ABC, Generic[P, S]):
             raise UsageError(f"{self.name}: takes no base model, got base={base!r}")
         self.params: P = params  # type: ignore[assignment]
         self.base = base
+        self.workspace = Workspace()  # chunk-sized scratch; the worker lends its own
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None, *, base: int | None = None) -> Method:

@@ -53,4 +53,4 @@ class Breadcrumbs(SelectingMethod):
 
     def keep(self, masks: list[torch.Tensor]) -> torch.Tensor:
         dropped, kept = masks
-        return kept & ~dropped
+        return kept.logical_and_(dropped.logical_not_())  # in place: the masks are scratch

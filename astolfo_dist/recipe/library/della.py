@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from ..rng import bernoulli_mask
+from ..workspace import Workspace
 from ._taskvec import TaskVectorMethod, TaskVectorParams
 from .base import Read, State
 
@@ -39,10 +40,17 @@ BIN_BITS = 12
 _SHIFT = 31 - BIN_BITS
 
 
-def magnitude_bins(delta: torch.Tensor) -> torch.Tensor:
-    """The rank bin of every element: the top 12 bits of |delta| as float32 (int64, 0..4095)."""
-    bits = delta.abs().to(torch.float32).view(torch.int32)
-    return (bits & 0x7FFFFFFF).bitwise_right_shift_(_SHIFT).to(torch.int64)
+def magnitude_bins(delta: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    """The rank bin of every element: the top 12 bits of |delta| as float32 (int64, 0..4095).
+
+    With `workspace`, the result and its temporaries are its buffers (tags "della.*")."""
+    if workspace is None:
+        bits = delta.abs().to(torch.float32).view(torch.int32)
+        return (bits & 0x7FFFFFFF).bitwise_right_shift_(_SHIFT).to(torch.int64)
+    # Rounding to float32 is symmetric, so |round(d)| == round(|d|); the sign bit is cleared below anyway.
+    narrow = workspace.like("della.narrow", delta, torch.float32).copy_(delta)
+    bins = workspace.like("della.bins", delta, torch.int64).copy_(narrow.view(torch.int32))  # sign-extended,
+    return bins.bitwise_and_(0x7FFFFFFF).bitwise_right_shift_(_SHIFT)  # cleared by the mask
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,13 @@ class Della(TaskVectorMethod):
         return DellaState(key, numel, n_inputs, done=self.tensor_passes == 0, hist=[None] * n)
 
     def _observe(self, state: DellaState, start: int, read: Read) -> int:
-        base = read(self.base).clone()
-        delta = torch.empty_like(base)
+        ws = self.workspace
+        x = read(self.base)
+        base = ws.like("taskvec.base", x).copy_(x)
+        delta = ws.like("taskvec.delta", base)
         for j, i in enumerate(self.others(state.n_inputs)):
             torch.sub(read(i), base, out=delta)
-            counts = torch.bincount(magnitude_bins(delta), minlength=1 << BIN_BITS).cpu()
+            counts = torch.bincount(magnitude_bins(delta, ws), minlength=1 << BIN_BITS).cpu()
             state.hist[j] = counts if state.hist[j] is None else state.hist[j].add_(counts)
         return base.numel()
 

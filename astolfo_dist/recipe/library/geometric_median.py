@@ -70,10 +70,13 @@ class GeometricMedian(Method[GeometricMedianParams, GeometricMedianState]):
         )
 
     def _estimate(self, weights: tuple[float, ...], read: Read, out: torch.Tensor | None) -> torch.Tensor:
+        """The current estimate z, into `out` (None: a workspace buffer)."""
         x = read(0)
-        out = torch.mul(x, weights[0]) if out is None else torch.mul(x, weights[0], out=out)
+        if out is None:
+            out = self.workspace.like("geometric_median.z", x)
+        torch.mul(x, weights[0], out=out)
         if len(weights) > 1:
-            tmp = torch.empty_like(out)
+            tmp = self.workspace.like("geometric_median.term", out)
             for i in range(1, len(weights)):
                 out.add_(torch.mul(read(i), weights[i], out=tmp))
         total = 0.0
@@ -83,10 +86,10 @@ class GeometricMedian(Method[GeometricMedianParams, GeometricMedianState]):
 
     def _observe(self, state: GeometricMedianState, start: int, read: Read) -> int:
         z = self._estimate(state.weights, read, None)
-        diff = torch.empty_like(z)
+        diff = self.workspace.like("geometric_median.diff", z)
         for i in range(state.n_inputs):
             torch.sub(read(i), z, out=diff)
-            exact_dot(diff, diff, state.dist2[i])
+            exact_dot(diff, diff, state.dist2[i], self.workspace)
         return z.numel()
 
     def _merge(self, a: GeometricMedianState, b: GeometricMedianState) -> None:

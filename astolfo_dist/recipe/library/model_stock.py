@@ -60,18 +60,20 @@ class ModelStock(Method[ModelStockParams, ModelStockState]):
     def _observe(self, state: ModelStockState, start: int, read: Read) -> int:
         others = self.others(state.n_inputs)
         n = len(others)
-        base = read(self.base).clone()
-        d = torch.empty_like(base)
-        e = torch.empty_like(base)
+        ws = self.workspace
+        x = read(self.base)
+        base = ws.like("model_stock.base", x).copy_(x)
+        d = ws.like("model_stock.d", base)
+        e = ws.like("model_stock.e", base)
         for j in range(n - 1):
             torch.sub(read(others[j]), base, out=d)
             if j == 0:
-                exact_dot(d, d, state.gram[_pair(0, 0, n)])
+                exact_dot(d, d, state.gram[_pair(0, 0, n)], ws)
             for k in range(j + 1, n):
                 torch.sub(read(others[k]), base, out=e)
-                exact_dot(d, e, state.gram[_pair(j, k, n)])
+                exact_dot(d, e, state.gram[_pair(j, k, n)], ws)
                 if j == 0:  # the first row's sweep reads every other input: take its norm too
-                    exact_dot(e, e, state.gram[_pair(k, k, n)])
+                    exact_dot(e, e, state.gram[_pair(k, k, n)], ws)
         return base.numel()
 
     def _merge(self, a: ModelStockState, b: ModelStockState) -> None:
@@ -103,4 +105,4 @@ class ModelStock(Method[ModelStockParams, ModelStockState]):
             out.add_(read(i))
         out.div_(len(others))
         out.mul_(state.t)
-        out.add_(torch.mul(read(self.base), 1.0 - state.t))
+        out.add_(torch.mul(read(self.base), 1.0 - state.t, out=self.workspace.like("model_stock.term", out)))

@@ -68,11 +68,14 @@ class Slerp(Method[SlerpParams, SlerpState]):
         return state
 
     def _observe(self, state: SlerpState, start: int, read: Read) -> int:
-        a = read(0).to(torch.float64, copy=True)
-        exact_dot(a, a, state.aa)
-        b = read(1).to(torch.float64)
-        exact_dot(b, b, state.bb)
-        exact_dot(a, b, state.ab)
+        ws = self.workspace
+        x = read(0)
+        a = ws.like("slerp.a", x, torch.float64).copy_(x)  # kept past the next read
+        exact_dot(a, a, state.aa, ws)
+        x = read(1)
+        b = x if x.dtype == torch.float64 else ws.like("slerp.b", x, torch.float64).copy_(x)
+        exact_dot(b, b, state.bb, ws)
+        exact_dot(a, b, state.ab, ws)
         return a.numel()
 
     def _merge(self, a: SlerpState, b: SlerpState) -> None:
@@ -90,7 +93,7 @@ class Slerp(Method[SlerpParams, SlerpState]):
 
     def output(self, state: SlerpState, start: int, read: Read, out: torch.Tensor) -> None:
         torch.mul(read(0), state.s0, out=out)
-        out.add_(torch.mul(read(1), state.s1))
+        out.add_(torch.mul(read(1), state.s1, out=self.workspace.like("slerp.term", out)))
 
 
 def slerp_coefficients(aa: float, bb: float, ab: float, t: float, dot_threshold: float) -> tuple[float, float, bool]:

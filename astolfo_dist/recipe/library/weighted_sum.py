@@ -46,7 +46,7 @@ class WeightedSum(Method[WeightedSumParams, State]):
         weights = self.weights_for(state.n_inputs)
         torch.mul(read(0), weights[0], out=out)
         if state.n_inputs > 1:
-            tmp = torch.empty_like(out)
+            tmp = self.workspace.like("weighted_sum.term", out)
             for i in range(1, state.n_inputs):
                 out.add_(torch.mul(read(i), weights[i], out=tmp))
         if self.params.normalize:

@@ -1,0 +1,119 @@
+"""The methods' scratch workspace: buffers are reused, scoped, and steady-state method calls
+allocate nothing chunk-sized (the allocator would keep what such temporaries free)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from astolfo_dist.recipe.library import REGISTRY, build
+from astolfo_dist.recipe.workspace import Workspace
+
+
+def test_buffer_is_reused_and_grows_only_when_needed():
+    ws = Workspace()
+    a = ws.buffer("x", torch.float32, 100, "cpu")
+    assert a.shape == (100,)
+    b = ws.buffer("x", torch.float32, 60, "cpu")
+    assert b.data_ptr() == a.data_ptr()  # same memory, shorter view
+    c = ws.buffer("x", torch.float32, 1000, "cpu")
+    assert c.numel() == 1000
+    assert ws.buffer("x", torch.float32, 10, "cpu").data_ptr() == c.data_ptr()
+    # Another tag or dtype is another buffer.
+    assert ws.buffer("y", torch.float32, 10, "cpu").data_ptr() != c.data_ptr()
+    assert ws.buffer("x", torch.float64, 10, "cpu").data_ptr() != c.data_ptr()
+    assert ws.like("x", torch.zeros(5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_capacity_allocates_once():
+    ws = Workspace(capacity=4096)
+    a = ws.buffer("x", torch.int64, 10, "cpu")
+    assert ws.nbytes() == 4096 * 8
+    assert ws.buffer("x", torch.int64, 4096, "cpu").data_ptr() == a.data_ptr()
+    assert ws.buffer("x", torch.int64, 5000, "cpu").numel() == 5000  # beyond capacity: grows
+
+
+def test_scopes_share_storage_but_not_tags():
+    ws = Workspace()
+    one, two = ws.scope("one"), ws.scope("two")
+    a, b = one.buffer("t", torch.float32, 8, "cpu"), two.buffer("t", torch.float32, 8, "cpu")
+    assert a.data_ptr() != b.data_ptr()
+    assert one.buffer("t", torch.float32, 8, "cpu").data_ptr() == a.data_ptr()
+    assert one.scope("inner").buffer("t", torch.float32, 8, "cpu").data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert ws.nbytes() == one.nbytes() == 3 * 8 * 4  # one set of buffers, seen through prefixes
+
+
+def test_copies_arrive_empty():
+    ws = Workspace(capacity=16)
+    ws.buffer("x", torch.float32, 4, "cpu")
+    for other in (pickle.loads(pickle.dumps(ws)), copy.deepcopy(ws)):
+        assert other.nbytes() == 0 and other.capacity == 16
+
+
+# DARE and DELLA draw their masks in `sparsify` (recipe/rng.py), which still allocates.
+STEADY = ["ties", "breadcrumbs", "task_arithmetic", "slerp", "model_stock", "geometric_median", "weighted_sum",
+          "uniform", "add_difference"]
+PARAMS = {"ties": {"consensus": "count"}, "breadcrumbs": {"sign_election": True}, "slerp": {"t": 0.3},
+          "geometric_median": {"maxiter": 2, "tol": 0.0}}
+
+
+@pytest.mark.parametrize("name", STEADY)
+def test_steady_state_allocates_nothing_chunk_sized(name):
+    cls = REGISTRY[name]
+    n_inputs = {"slerp": 2, "add_difference": 3}.get(name, 5)
+    numel = 1 << 16
+    torch.manual_seed(0)
+    xs = [torch.randn(numel) for _ in range(n_inputs)]
+    method = build(name, PARAMS.get(name, {}), base=n_inputs - 1 if cls.uses_base else None)
+    method.workspace = Workspace(capacity=numel)
+
+    def merge(out: torch.Tensor) -> torch.Tensor:
+        state = method.begin("k", numel, n_inputs)
+        p = 0
+        while not method.ready(state):
+            method.observe(state, p, 0, lambda i: xs[i])
+            method.end_pass(state, p)
+            p += 1
+        method.output(state, 0, lambda i: xs[i], out)
+        return out
+
+    first = merge(torch.empty(numel))  # fills the workspace
+    second = torch.empty(numel)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        merge(second)
+    assert torch.equal(first, second)
+    biggest = max((e.self_cpu_memory_usage, e.name) for e in prof.events())
+    assert biggest[0] < numel, f"{name}: {biggest[1]} kept {biggest[0]} bytes (a bool chunk is {numel})"
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "repeated"])
+def test_selection_with_a_workspace_selects_the_same(kind):
+    """Every stage of the exact selection (histograms, prefix filter, collect, tie indices)
+    through workspace buffers, chunk by chunk, against the same selection allocating."""
+    from astolfo_dist.recipe.library._select import COLLECT_CAP, Selection
+
+    torch.manual_seed(3)
+    for numel in (700, COLLECT_CAP + 1, 20000):
+        x = torch.randn(numel)
+        if kind == "zeros":
+            x[torch.rand(numel) < 0.7] = 0.0
+        elif kind == "repeated":
+            x = torch.randint(-3, 4, (numel,)).float()  # heavy ties: the index stage runs
+        for k in (1, numel // 3, numel - 1):
+            plain, reused = Selection(numel, k), Selection(numel, k)
+            ws = Workspace(capacity=4096)
+            while not plain.done:
+                for s in range(0, numel, 4096):
+                    plain.feed(x[s : s + 4096], s)
+                    reused.feed(x[s : s + 4096], s, ws)
+                plain.end_pass()
+                reused.end_pass()
+            assert reused.done and reused.result == plain.result
+            for s in range(0, numel, 4096):
+                out = ws.buffer("test.mask", torch.bool, min(4096, numel - s), "cpu")
+                got = reused.mask(x[s : s + 4096], s, out=out, workspace=ws)
+                assert torch.equal(got, plain.mask(x[s : s + 4096], s))
