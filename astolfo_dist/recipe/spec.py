@@ -80,9 +80,9 @@ class MergeRecipe:
         check_varying(self.blocks, self.per_block, self.gradients, self.per_key)
         if self.model_names and len(self.model_names) != len(self.models):
             raise UsageError(f"{len(self.model_names)} model names given for {len(self.models)} models")
-        if len(set(self.names)) != len(self.names):
-            raise UsageError("models: a model is listed twice")
         if self.nodes:
+            if len(set(self.names)) != len(self.names):
+                raise UsageError("models: a name is given twice; nodes refer to models by name")
             self._check_graph()
         elif self.model_names or self.output:
             raise UsageError("model names and output name the parts of a recipe DAG: give nodes too")
