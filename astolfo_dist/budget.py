@@ -3,10 +3,11 @@ the chunk size, the worker count and the readahead, or refuse before any work, s
 much the merge needs.
 
 What a merge holds (see DESIGN's memory model): this process (interpreter, torch, the plan)
-+ workers x (read buffer + accumulator + scratch + output chunk) + readahead in the page
-cache + with a private Ray: its daemons, one process per worker (each imports torch) and
-the object store. Figures for Ray's processes were measured on the development machine
-(README, "Memory and speed").
++ workers x (read buffer + accumulator + scratch + output chunk; for recipe.library methods
+also each graph node's value and workspace) + readahead in the page cache + with a private
+Ray: its daemons, one process per worker (each imports torch) and the object store.
+Figures for Ray's processes were measured on the development machine (README, "Memory and
+speed").
 """
 
 from __future__ import annotations
@@ -111,8 +112,21 @@ def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
     out_size = max([DTYPES[t.dtype].bits // 8 for t in plan.tensors] + [4])
     acc_size = max([DTYPES[t.accumulator].bits // 8 for t in plan.tensors if t.op == "reduce"] + [4])
     host = chunk_elems * (in_size * (2 if cuda else 1) + out_size)
-    device = 0 if cuda else 2 * chunk_elems * acc_size
+    device = 0 if cuda else chunk_elems * acc_size * (2 + graph_chunks(plan))
     return host + device + WORKER_SLACK
+
+
+def graph_chunks(plan: Plan) -> int:
+    """Chunk buffers the largest recipe graph of the plan holds beyond the reduction's own:
+    per node its value and its method's declared scratch (recipe.library's scratch_chunks)."""
+    from .recipe.library import REGISTRY
+
+    costs = {
+        sum(1 + REGISTRY[call.method].scratch_chunks for call in t.graph)
+        for t in plan.tensors
+        if t.graph
+    }
+    return max(costs, default=0)
 
 
 def fit(

@@ -230,7 +230,7 @@ class _TensorGraph:
         self.ctx, self.tensor, self.calls = ctx, tensor, tensor.graph
         self.methods = [build(c.method, dict(c.params), base=c.base) for c in self.calls]
         for j, method in enumerate(self.methods):  # each node its own scratch namespace
-            method.workspace = buffers.workspace.scope(f"{j}/")
+            method.workspace = buffers.workspace.scope(str(j))
         self.states: list[State | None] = [None] * len(self.calls)
         self.n_sources = len(tensor.sources)
         acc_dtype = DTYPES[tensor.accumulator].torch_dtype

@@ -138,3 +138,36 @@ def test_merge_of_inputs_4x_the_limit_inside_a_memory_cgroup(memory_cgroup, tmp_
         peak = int((cgroup / "memory.peak").read_text()) if (cgroup / "memory.peak").exists() else 0
     assert peak <= limit
     assert sha256(out) == sha256(reference)
+
+
+def test_method_graphs_reserve_their_nodes_and_workspace(sd_models):
+    paths = [str(p) for p in sd_models(["F16"] * 3, keys=20)]
+    plain = plan_for(MergeRecipe(models=tuple(paths[:2])))
+    ties = plan_for(MergeRecipe(models=tuple(paths[:2]), base=paths[2], method_name="ties"))
+    chunk = 64 << 10
+    from astolfo_dist.recipe.library.ties import Ties
+
+    extra = per_worker_bytes(ties, chunk) - per_worker_bytes(plain, chunk)
+    assert extra == chunk * 4 * (1 + Ties.scratch_chunks)  # F16 output: float32 accumulator
+
+
+LAUNCHER = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def test_ties_merge_peaks_within_its_memory_budget(sd_models, tmp_path):
+    """Peak RSS of a fresh CLI process (the tree's only process: no Ray) against --memory."""
+    paths = [str(p) for p in sd_models(["F16"] * 5, scale=8)]
+    out = tmp_path / "o.safetensors"
+    budget = 300_000_000
+    cmd = [*CLI, "merge", *paths[:4], "--base", paths[4], "--method", "ties", "-o", str(out),
+           "--memory", str(budget), "--workers", "2"]
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1]) * 1024
+    assert 100 * MIB < peak <= budget, f"peak {peak / MIB:.0f} MiB, budget {budget / MIB:.0f} MiB"

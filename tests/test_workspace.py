@@ -117,3 +117,37 @@ def test_selection_with_a_workspace_selects_the_same(kind):
                 out = ws.buffer("test.mask", torch.bool, min(4096, numel - s), "cpu")
                 got = reused.mask(x[s : s + 4096], s, out=out, workspace=ws)
                 assert torch.equal(got, plain.mask(x[s : s + 4096], s))
+
+
+SCRATCH_PARAMS = [
+    ("task_arithmetic", {}), ("task_arithmetic", {"sign_election": True, "consensus": "count"}),
+    ("ties", {}), ("ties", {"normalize": False}), ("dare", {"sign_election": True}), ("della", {"sign_election": True}),
+    ("breadcrumbs", {"sign_election": True}), ("slerp", {"t": 0.3}), ("model_stock", {}),
+    ("geometric_median", {"maxiter": 3, "tol": 0.0}), ("weighted_sum", {}), ("uniform", {}), ("add_difference", {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["normal", "zeros"])
+@pytest.mark.parametrize("name,params", SCRATCH_PARAMS, ids=[f"{n}-{len(p)}" for n, p in SCRATCH_PARAMS])
+def test_workspace_stays_within_the_declared_scratch(name, params, kind, dtype):
+    """The memory budget reserves `scratch_chunks` chunk buffers per node: the bound must hold."""
+    cls = REGISTRY[name]
+    n_inputs = {"slerp": 2, "add_difference": 3}.get(name, 9)
+    numel = 1 << 14
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(numel, generator=gen, dtype=dtype) for _ in range(n_inputs)]
+    if kind == "zeros":
+        for x in xs[:-1]:
+            x[torch.rand(numel, generator=gen) < 0.6] = 0.0
+    method = build(name, params, base=n_inputs - 1 if cls.uses_base else None)
+    method.workspace = Workspace(capacity=numel)
+    state = method.begin("k", numel, n_inputs)
+    p = 0
+    while not method.ready(state):
+        method.observe(state, p, 0, lambda i: xs[i])
+        method.end_pass(state, p)
+        p += 1
+    method.output(state, 0, lambda i: xs[i], torch.empty(numel, dtype=dtype))
+    used = method.workspace.nbytes() / (numel * dtype.itemsize)
+    assert used <= cls.scratch_chunks, f"{name}: {used:.2f} chunks of scratch, declares {cls.scratch_chunks}"

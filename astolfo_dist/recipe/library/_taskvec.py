@@ -70,6 +70,7 @@ class TaskVectorMethod(Method):
     """A method whose output is `combine` over (optionally sparsified) task vectors."""
 
     uses_base = True
+    scratch_chunks = 12
     min_inputs = 2
 
     def check_inputs(self, n_inputs: int) -> None:
@@ -171,6 +172,8 @@ class SelectingMethod(TaskVectorMethod):
     delta (1 + n reads per chunk); all selections advance together, so a tensor takes as
     many passes as its slowest selection.
     """
+
+    scratch_chunks = 19
 
     def counts(self, numel: int) -> tuple[int, ...]:
         raise NotImplementedError

@@ -188,6 +188,10 @@ class Method(ABC, Generic[P, S]):
 
     name: ClassVar[str]
     params_type: ClassVar[type[Params]]
+    # Upper bound on the workspace a method fills, in chunk-sized buffers of the accumulator
+    # dtype (bool and int masks counted by their bytes): the memory budget reserves it per
+    # graph node and per worker (tests/test_workspace.py checks the bound).
+    scratch_chunks: ClassVar[int] = 0
     uses_base: ClassVar[bool] = False
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = None

@@ -54,6 +54,7 @@ class GeometricMedianState(State):
 class GeometricMedian(Method[GeometricMedianParams, GeometricMedianState]):
     name = "geometric_median"
     params_type = GeometricMedianParams
+    scratch_chunks = 12
 
     @property
     def tensor_passes(self) -> int:

@@ -46,6 +46,7 @@ def _pair(j: int, k: int, n: int) -> int:
 class ModelStock(Method[ModelStockParams, ModelStockState]):
     name = "model_stock"
     params_type = ModelStockParams
+    scratch_chunks = 15
     uses_base = True
     min_inputs = 3
 

@@ -53,6 +53,7 @@ class SlerpState(State):
 class Slerp(Method[SlerpParams, SlerpState]):
     name = "slerp"
     params_type = SlerpParams
+    scratch_chunks = 12
     min_inputs = 2
     max_inputs = 2
 

@@ -31,6 +31,7 @@ class WeightedSumParams(Params):
 class WeightedSum(Method[WeightedSumParams, State]):
     name = "weighted_sum"
     params_type = WeightedSumParams
+    scratch_chunks = 1
 
     def check_inputs(self, n_inputs: int) -> None:
         super().check_inputs(n_inputs)
