@@ -14,6 +14,18 @@ from astolfo_dist.recipe.library import REGISTRY, build
 from astolfo_dist.recipe.workspace import Workspace
 
 
+def whole_tensor(method, xs: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Every statistic pass and the output over the whole tensors as one chunk."""
+    state = method.begin("k", xs[0].numel(), len(xs))
+    p = 0
+    while not method.ready(state):
+        method.observe(state, p, 0, lambda i: xs[i])
+        method.end_pass(state, p)
+        p += 1
+    method.output(state, 0, lambda i: xs[i], out)
+    return out
+
+
 def test_buffer_is_reused_and_grows_only_when_needed():
     ws = Workspace()
     a = ws.buffer("x", torch.float32, 100, "cpu")
@@ -72,14 +84,7 @@ def test_steady_state_allocates_nothing_chunk_sized(name):
     method.workspace = Workspace(capacity=numel)
 
     def merge(out: torch.Tensor) -> torch.Tensor:
-        state = method.begin("k", numel, n_inputs)
-        p = 0
-        while not method.ready(state):
-            method.observe(state, p, 0, lambda i: xs[i])
-            method.end_pass(state, p)
-            p += 1
-        method.output(state, 0, lambda i: xs[i], out)
-        return out
+        return whole_tensor(method, xs, out)
 
     first = merge(torch.empty(numel))  # fills the workspace
     second = torch.empty(numel)
@@ -142,12 +147,6 @@ def test_workspace_stays_within_the_declared_scratch(name, params, kind, dtype):
             x[torch.rand(numel, generator=gen) < 0.6] = 0.0
     method = build(name, params, base=n_inputs - 1 if cls.uses_base else None)
     method.workspace = Workspace(capacity=numel)
-    state = method.begin("k", numel, n_inputs)
-    p = 0
-    while not method.ready(state):
-        method.observe(state, p, 0, lambda i: xs[i])
-        method.end_pass(state, p)
-        p += 1
-    method.output(state, 0, lambda i: xs[i], torch.empty(numel, dtype=dtype))
+    whole_tensor(method, xs, torch.empty(numel, dtype=dtype))
     used = method.workspace.nbytes() / (numel * dtype.itemsize)
     assert used <= cls.scratch_chunks, f"{name}: {used:.2f} chunks of scratch, declares {cls.scratch_chunks}"
