@@ -8,6 +8,7 @@ component replacement and key policies. Its canonical JSON goes into the output'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -89,7 +90,8 @@ class MergeRecipe:
         if self.method_name:
             from .library import build
 
-            build(self.method_name, self.method_params(), base=self.base_index)  # validates names and values
+            node = self.graph[0]
+            build(node.method, dict(node.params), base=node.base_index)  # validates names and values
             if self.keys == "union":
                 raise UsageError(f"--method {self.method_name} needs every input to hold each key: "
                                  "use --keys strict or intersection")
@@ -142,7 +144,7 @@ class MergeRecipe:
     def output_node(self) -> str:
         return self.output or (self.nodes[-1].name if self.nodes else "")
 
-    @property
+    @functools.cached_property
     def graph(self) -> tuple[RecipeNode, ...]:
         """The method nodes in evaluation order, the output last: the recipe's DAG, or the one
         node its single method makes; empty for the engine's streaming weighted sum."""
@@ -167,10 +169,6 @@ class MergeRecipe:
     def inputs(self) -> tuple[str, ...]:
         """The models read for every key: the recipe's models, then the base if any."""
         return self.models + ((self.base,) if self.base else ())
-
-    @property
-    def base_index(self) -> int | None:
-        return len(self.models) if self.base else None
 
     def method_params(self) -> dict[str, object]:
         params = dict(self.params)
