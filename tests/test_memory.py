@@ -4,6 +4,7 @@ four times larger than a real cgroup memory limit, run inside that cgroup."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -163,11 +164,15 @@ def test_ties_merge_peaks_within_its_memory_budget(sd_models, tmp_path):
     """Peak RSS of a fresh CLI process (the tree's only process: no Ray) against --memory."""
     paths = [str(p) for p in sd_models(["F16"] * 5, scale=8)]
     out = tmp_path / "o.safetensors"
-    budget = 300_000_000
-    cmd = [*CLI, "merge", *paths[:4], "--base", paths[4], "--method", "ties", "-o", str(out),
-           "--memory", str(budget), "--workers", "2"]
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True,
-                          timeout=300)
+    cmd = [*CLI, "merge", *paths[:4], "--base", paths[4], "--method", "ties", "-o", str(out), "--workers", "2"]
+    # What the process holds after its imports differs between machines (CI held 58 MiB more
+    # than this VM), so the budget is set just above the minimum the CLI itself reports.
+    probe = subprocess.run([*cmd, "--memory", "1MB"], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 2, probe.stderr
+    need = int(re.search(r"needs at least (\d+) MiB", probe.stderr).group(1)) * MIB
+    budget = need + 30 * MIB
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, *cmd, "--memory", str(budget)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout.split()[-1]) * 1024
     assert 100 * MIB < peak <= budget, f"peak {peak / MIB:.0f} MiB, budget {budget / MIB:.0f} MiB"
