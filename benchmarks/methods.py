@@ -411,13 +411,15 @@ def _kernels(n: int) -> dict:
     x16 = (torch.randn(n, generator=gen) * 0.5).half()
     x, y = torch.randn(n, generator=gen), torch.empty(n)
 
-    def feed(known: int):
+    def feed(later: bool):
         sel = Selection(n * 64, n * 13, inert_zeros=True)  # a histogram pass, whatever n is
-        sel.dtype, sel.known, sel.prefix = torch.float32, known, 500 if known else 0
+        sel.dtype = torch.float32
+        if later:  # the second pass: the first digit is known
+            sel.known, sel.prefix = sel._digit_bits(), 500
 
         def run() -> None:
             sel.feed(x, 0)
-            sel.hist = sel.hmin = sel.hmax = None
+            sel.hist = sel.kmin = sel.kmax = None
 
         return run
 
@@ -429,9 +431,9 @@ def _kernels(n: int) -> dict:
     return {
         "uniform, per input: fp16 -> fp32 copy_ + add_": lambda: y.copy_(x16).add_(x),
         "dare, per input: Philox keep mask (bernoulli_mask)": lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
-        "ties, per input and pass: Selection.feed, first pass (histogram)": feed(0),
-        "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(10),
-        "ties, per input, twice in output: Selection.mask": lambda: settled.mask(x, 0),
+        "ties, per input and pass: Selection.feed, first pass (histogram)": feed(False),
+        "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(True),
+        "ties, per input, in output: Selection.mask": lambda: settled.mask(x, 0),
         "geometric_median, per input and iteration: exact_dot(d, d)": lambda: exact_dot(x, x, acc),
     }
 

@@ -24,7 +24,7 @@ import torch
 from astolfo_dist.errors import UsageError
 from astolfo_dist.recipe.library import REGISTRY, build
 from astolfo_dist.recipe.library._exact import ExactSum
-from astolfo_dist.recipe.library._select import COLLECT_CAP, Selection
+from astolfo_dist.recipe.library._select import COLLECT_CAP, HIST_BUDGET, Selection
 from astolfo_dist.recipe.library.base import Method
 from astolfo_dist.recipe.library.breadcrumbs import Breadcrumbs, BreadcrumbsParams
 from astolfo_dist.recipe.library.dare import Dare, DareParams
@@ -378,6 +378,35 @@ def test_dare(case):
         assert bits_equal(out, ref), (density, election, rescale)
 
 
+@pytest.mark.parametrize("name", ["dare", "ties"])
+@pytest.mark.parametrize("election", [False, True])
+def test_non_finite_deltas_are_dropped_and_kept_as_the_reference_does(name, election):
+    """NaN, +-inf and -0.0 in the deltas: a dropped or disagreeing one adds +0, a kept one
+    carries through (the masking is bitwise, not masked_fill: this pins its semantics)."""
+    xs = task_inputs(4, (40, 30), seed=9)
+    base, numel, key = xs[0], xs[0].numel(), "unet.block.3.weight"
+    gen = torch.Generator().manual_seed(4)
+    for x in xs[1:]:
+        spots = torch.randperm(numel, generator=gen)[:60]
+        x[spots[:15]] = math.nan
+        x[spots[15:30]] = math.inf
+        x[spots[30:45]] = -math.inf
+        x[spots[45:]] = base[spots[45:]]  # zero deltas
+    weights = [1.0, 0.5, 2.0, 0.25]
+    density = 0.6 if name == "dare" else 1.0
+    params = {"density": density, "sign_election": election, "weights": weights}
+    if name == "dare":
+        params["seed"] = 3
+    out = run_all(build(name, params, base=0), xs, key=key)
+    deltas = []
+    for i, x in enumerate(xs[1:], start=1):
+        keep = uniform01(3, i, key, 0, numel) < density if name == "dare" else torch.ones(numel, dtype=torch.bool)
+        deltas.append(torch.where(keep, x - base, 0.0) / density)
+    ref = ref_combine(base, deltas, weights, 1.0, election, election=election)
+    assert not out.isfinite().all() and torch.equal(out.isnan(), ref.isnan())
+    assert bits_equal(torch.nan_to_num(out, nan=0.5), torch.nan_to_num(ref, nan=0.5))
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_della(case):
     n, shape = case
@@ -634,7 +663,7 @@ def test_selection_matches_stats(dtype):
         assert torch.equal(got, ref(x, 0)), (numel, k, kind)
         assert dataclasses.replace(sel.result, passes=0) == dataclasses.replace(ref.result, passes=0)
         assert sel.result.n_greater + sel.result.n_equal_to_keep == k
-        assert sel.result.passes <= 4
+        assert sel.result.passes <= 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +689,7 @@ def test_state_stays_small(name):
     params = {"geometric_median": {"maxiter": 3, "tol": 0.0}}.get(name, {})
     n_models = 2 if name == "slerp" else 4
     sizes = []
-    for numel in (3000, 300_000):
+    for numel in (3000, 1 << 20, 1 << 22):  # the widest histograms from 2**19 elements on
         shape = (numel,)
         xs = plain_inputs(2, shape, 1) if name == "slerp" else task_inputs(n_models - 1, shape, seed=2)
         if name == "geometric_median":
@@ -669,16 +698,16 @@ def test_state_stays_small(name):
         state = method.begin("k", numel, len(xs))
         p, peak = 0, state_bytes(state)
         while not method.ready(state):
-            for s in range(0, numel, 50_000):
-                method.observe(state, p, s, Reader(xs, s, 50_000))
+            for s in range(0, numel, 1 << 19):
+                method.observe(state, p, s, Reader(xs, s, 1 << 19))
                 peak = max(peak, state_bytes(state))
             method.end_pass(state, p)
             peak = max(peak, state_bytes(state))
             p += 1
         sizes.append(peak)
-    per_input = 2 * 3 * 8 * 1024 + 4096  # two selections of 3 x 1024 int64 at most, per input
-    assert max(sizes) <= n_models * per_input, sizes
-    assert sizes[1] <= sizes[0] + 64 * 1024, sizes  # no growth with numel beyond the fixed histograms
+    # Histograms of all selections of a tensor within HIST_BUDGET; candidates 16 bytes each.
+    assert max(sizes) <= HIST_BUDGET + n_models * 2 * (COLLECT_CAP * 16 + 4096), sizes
+    assert sizes[2] <= sizes[1] + 64 * 1024, sizes  # no growth with numel beyond the widest histograms
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,15 +6,18 @@ answers any chunk at any offset. Its `TopKThreshold` driver needs the chunks in 
 within a pass and cannot be split between workers, so this module drives the same radix
 selection with statistics that are sums and sets:
 
-* a histogram pass counts the next `HIST_BITS` bits of the magnitude patterns that share the
-  prefix found so far, and keeps the smallest and largest pattern per digit (integer counts,
-  minima and maxima: any order, any split, merged exactly); a digit whose smallest and largest
-  patterns agree settles the pattern at once, so heavy ties (zeros, repeated values) cost
-  one pass, not one per 10 bits;
+* a histogram pass counts the next digit of the magnitude patterns that share the prefix
+  found so far (integer counts: any order, any split, merged exactly) and the smallest and
+  largest pattern seen: if they agree, every element sharing the prefix has that one pattern
+  and the pass settles it (a tensor of zeros, or of one repeated value, costs one pass);
+* digits are as wide as `max_bits` allows (16 by default), so a float32 magnitude (31 bits)
+  takes two histogram passes (16 + 15 bits), the second of which settles the pattern; a
+  tensor's digits are narrower when it is small (at most numel / 8 bins: two passes from
+  2**19 elements on, which hold most of the bytes of SD and LLM checkpoints);
 * once the elements sharing the prefix number at most `COLLECT_CAP`, one collect pass gathers
-  them all as (pattern, index) pairs, and sorting them settles both the threshold and which
-  tied elements are kept (a set: merged by concatenation, sorted before use); a tensor of at
-  most `COLLECT_CAP` elements is settled by a single collect pass;
+  them all as (pattern, index) pairs, and ranking them settles both the threshold and which
+  tied elements are kept (a set: merged by concatenation, ranked by torch after); a tensor of
+  at most `COLLECT_CAP` elements is settled by a single collect pass;
 * if the threshold is settled but only some of the tied elements are kept, the kept ones are
   the first in index order: the same radix selection runs over their indices (the smallest
   first), where stats.py would stop a sequential pass at the cut. With `inert_zeros`, ties at
@@ -22,10 +25,12 @@ selection with statistics that are sums and sets:
   (TIES, breadcrumbs: a zero delta adds nothing and never agrees with an elected sign) gets
   the same output without the index passes.
 
-Typical passes: 2-3 for float32 and float64 magnitudes of real tensors, 1-3 for tensors full
-of zeros or repeated values; never more than `MAX_PASSES`. State per selection: the
-histogram with its minima and maxima, 3 x 2**HIST_BITS int64 (24 KiB), or at most
-COLLECT_CAP candidate pairs (16 KiB), whatever numel is.
+Typical passes: 2 for float32 magnitudes of real tensors (1 for tensors of one value, or of
+at most COLLECT_CAP elements); at most `MAX_PASSES`. Why the wide first digit: every pass
+re-reads all inputs and recomputes their deltas, so a third pass cost TIES a third more
+time (benchmarks/methods.py). State per selection: one histogram of 2**max_bits int64 counts
+during a pass (512 KiB at 16 bits; callers holding many selections at once lower max_bits,
+see `hist_bits_for`), or at most COLLECT_CAP candidate pairs (16 KiB).
 """
 
 from __future__ import annotations
@@ -34,14 +39,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..stats import _PATTERNS, TopKResult, _key_dtype, magnitude_bits
+from ..stats import _PATTERNS, TopKResult, _key_dtype, _split_widths, magnitude_bits
 from ..workspace import Workspace
 
-HIST_BITS = 10
+MAX_HIST_BITS = 16
+MIN_HIST_BITS = 11  # 2048 bins: float32 magnitudes in at most 3 digits
+HIST_BUDGET = 8 << 20  # bytes of histograms that the selections of one tensor hold at once
 COLLECT_CAP = 1024
 MAX_INDEX_BITS = 62  # rng.py's element-index range
-MAX_PASSES = -(-63 // HIST_BITS) + -(-MAX_INDEX_BITS // HIST_BITS)
-_EMPTY_MIN = (1 << 63) - 1
+MAX_PASSES = -(-63 // MIN_HIST_BITS) + -(-MAX_INDEX_BITS // MIN_HIST_BITS)
+
+
+def hist_bits_for(numel: int, selections: int = 1) -> int:
+    """The widest digit for a tensor of `numel` elements when `selections` of it run at once:
+    at most numel / 8 bins, and all their int32 histograms within HIST_BUDGET."""
+    by_size = numel.bit_length() - 4
+    by_budget = (HIST_BUDGET // (4 * max(1, selections))).bit_length() - 1
+    return max(MIN_HIST_BITS, min(MAX_HIST_BITS, by_size, by_budget))
 
 
 def _threshold_value(dtype: torch.dtype, bits: int) -> float:
@@ -66,9 +80,10 @@ class Selection:
     n_equal: int = 0
     keep_equal: int = 0  # how many of the n_equal tied elements are kept
     inert_zeros: bool = False  # |x| = 0 changes nothing downstream: never split ties at zero
-    hist: torch.Tensor | None = None  # this pass's counts per digit (CPU int64)
-    hmin: torch.Tensor | None = None  # the smallest and largest key per digit: a digit whose
-    hmax: torch.Tensor | None = None  # keys are all equal settles the key in this pass
+    max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
+    hist: torch.Tensor | None = None  # this pass's counts per digit (CPU int32, int64 for huge tensors)
+    kmin: int | None = None  # the smallest and largest key this pass saw: if they agree,
+    kmax: int | None = None  # every key sharing the prefix is that one
     cand_key: torch.Tensor | None = None  # collect: the candidates' keys (CPU int64)
     cand_index: torch.Tensor | None = None  # collect, magnitude stage: their element indices
     passes: int = 0
@@ -78,6 +93,8 @@ class Selection:
         if not 0 <= self.k <= self.numel:
             raise ValueError(f"need 0 <= k <= numel, got k={self.k}, numel={self.numel}")
         self.need = self.k
+        if self.max_bits is None:
+            self.max_bits = hist_bits_for(self.numel)
         self.collect = self.numel <= COLLECT_CAP  # small tensors: one collect pass settles everything
         if self.k == 0:
             self._finish(None, 0, 0, 0, 0, 0)
@@ -93,6 +110,16 @@ class Selection:
 
     def _index_bits(self) -> int:
         return max(1, (self.numel - 1).bit_length())
+
+    def _digit_bits(self) -> int:
+        """This pass's digit: the stage's width split as evenly as max_bits allows, wider first
+        (the same split on every worker: it depends on numel, dtype and max_bits only)."""
+        done = 0
+        for bits in _split_widths(self._width(), self.max_bits):
+            if done == self.known:
+                return bits
+            done += bits
+        raise RuntimeError("the selection has no digit left")  # a full prefix settles in its pass
 
     def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
         """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass.
@@ -118,7 +145,9 @@ class Selection:
             where = scratch("select.where", torch.int64)[:0].view(0, 1)
             return torch.nonzero(mask, out=where).view(-1)
 
-        bits = magnitude_bits(x, scratch("select.bits", torch.int64), workspace)
+        # Keys in int32 where they fit (half the memory traffic of int64): bincount takes them.
+        key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
+        bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits
         else:  # ties at the threshold to split: rank their indices, the smallest first
@@ -129,32 +158,40 @@ class Selection:
         index: torch.Tensor | None = None  # the candidates' element indices (magnitude collect)
         if self.known:  # only the keys sharing the prefix found so far
             m = keys.numel()
-            shifted = torch.bitwise_right_shift(keys, width - self.known, out=scratch("select.digits", torch.int64)[:m])
+            shifted = torch.bitwise_right_shift(keys, width - self.known, out=scratch("select.digits", keys.dtype)[:m])
             inside = positions(torch.eq(shifted, self.prefix, out=scratch("select.mask", torch.bool)[:m]))
             if self.collect and self.stage == "magnitude":
                 index = inside.add(start)
-            keys = torch.index_select(keys, 0, inside, out=scratch("select.picked", torch.int64)[: inside.numel()])
+            keys = torch.index_select(keys, 0, inside, out=scratch("select.picked", keys.dtype)[: inside.numel()])
         if self.collect:  # at most COLLECT_CAP keys share the prefix: gather them
             if self.stage == "magnitude" and index is None:  # a tensor of at most COLLECT_CAP elements
                 index = torch.arange(start, start + n, device=keys.device)
             # Copies: the state must not hold a view of the workspace.
-            self._append(keys.to("cpu", copy=True), None if index is None else index.cpu())
+            self._append(keys.to("cpu", dtype=torch.int64, copy=True), None if index is None else index.cpu())
             return
-        digit_bits = min(HIST_BITS, width - self.known)
+        digit_bits = self._digit_bits()
         bins = 1 << digit_bits
-        digits = scratch("select.digits", torch.int64)[: keys.numel()]
+        digits = scratch("select.digits", keys.dtype)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
-        counts = torch.bincount(digits, minlength=bins).cpu()
-        lo = torch.full((bins,), _EMPTY_MIN, dtype=torch.int64, device=keys.device)
-        hi = torch.full((bins,), -1, dtype=torch.int64, device=keys.device)
-        lo = lo.scatter_reduce_(0, digits, keys, "amin").cpu()
-        hi = hi.scatter_reduce_(0, digits, keys, "amax").cpu()
-        if self.hist is None:
-            self.hist, self.hmin, self.hmax = counts, lo, hi
-        else:
-            self.hist.add_(counts)
-            torch.minimum(self.hmin, lo, out=self.hmin)
-            torch.maximum(self.hmax, hi, out=self.hmax)
+        if digits.device.type == "cpu":  # counted in place: bincount would allocate int64 bins per chunk
+            if self.hist is None:
+                self.hist = torch.zeros(bins, dtype=self._count_dtype())
+            self.hist.index_add_(0, digits, torch.ones(1, dtype=self.hist.dtype).expand(digits.numel()))
+        else:  # the state stays on the CPU (it is merged and shipped between workers)
+            counts = torch.bincount(digits, minlength=bins).to("cpu", self._count_dtype())
+            self.hist = counts if self.hist is None else self.hist.add_(counts)
+        if keys.numel():
+            lo, hi = (int(v) for v in torch.aminmax(keys))
+            self._see(lo, hi)
+
+    def _count_dtype(self) -> torch.dtype:
+        return torch.int32 if self.numel < 1 << 31 else torch.int64
+
+    def _see(self, lo: int | None, hi: int | None) -> None:
+        if lo is None or hi is None:
+            return
+        self.kmin = lo if self.kmin is None else min(self.kmin, lo)
+        self.kmax = hi if self.kmax is None else max(self.kmax, hi)
 
     def _append(self, keys: torch.Tensor, index: torch.Tensor | None) -> None:
         self.cand_key = keys if self.cand_key is None else torch.cat([self.cand_key, keys])
@@ -166,20 +203,16 @@ class Selection:
     def merge(self, other: Selection) -> None:
         if self.done:
             return
-        same = (self.stage, self.collect, self.prefix, self.known, self.need, self.passes)
-        if same != (other.stage, other.collect, other.prefix, other.known, other.need, other.passes):
+        same = (self.stage, self.collect, self.prefix, self.known, self.need, self.passes, self.max_bits)
+        if same != (other.stage, other.collect, other.prefix, other.known, other.need, other.passes, other.max_bits):
             raise ValueError("cannot merge selections at different steps")
         if self.dtype is None:
             self.dtype = other.dtype
         elif other.dtype is not None and other.dtype != self.dtype:
             raise TypeError(f"cannot merge selections over {self.dtype} and {other.dtype}")
         if other.hist is not None:
-            if self.hist is None:
-                self.hist, self.hmin, self.hmax = other.hist.clone(), other.hmin.clone(), other.hmax.clone()
-            else:
-                self.hist.add_(other.hist)
-                torch.minimum(self.hmin, other.hmin, out=self.hmin)
-                torch.maximum(self.hmax, other.hmax, out=self.hmax)
+            self.hist = other.hist.clone() if self.hist is None else self.hist.add_(other.hist)
+        self._see(other.kmin, other.kmax)
         if other.cand_key is not None:
             self._append(other.cand_key, other.cand_index)
 
@@ -196,19 +229,24 @@ class Selection:
 
     def _end_histogram(self) -> None:
         width = self._width()
-        digit_bits = min(HIST_BITS, width - self.known)
+        digit_bits = self._digit_bits()
         if self.hist is None:
             raise ValueError("a selection pass saw no element")
-        counts, lows, highs = self.hist.tolist(), self.hmin.tolist(), self.hmax.tolist()
-        self.hist = self.hmin = self.hmax = None
-        digit = len(counts) - 1
-        above = 0
-        while above + counts[digit] < self.need:  # the need-th largest lies in the highest digit reaching need
-            above += counts[digit]
-            digit -= 1
+        counts = self.hist.to(torch.int64)
+        single = self.kmin if self.kmin == self.kmax else None
+        self.hist = self.kmin = self.kmax = None
+        # The need-th largest lies in the highest digit where the count from the top reaches need.
+        from_top = counts.flip(0).cumsum(0)
+        rank = int(torch.searchsorted(from_top, self.need))
+        digit = len(counts) - 1 - rank
+        above = int(from_top[rank - 1]) if rank else 0
         self.need -= above
-        remaining = counts[digit]
-        whole = lows[digit] if lows[digit] == highs[digit] else None  # every key in the digit is this one
+        remaining = int(counts[digit])
+        whole = None  # the key, if every key in the digit is one and the same
+        if self.known + digit_bits == width:
+            whole = (self.prefix << digit_bits) | digit
+        elif single is not None:
+            whole = single
         if self.stage == "index":
             if whole is not None:  # the kept tie with the largest index, itself
                 self._finish_cut(((1 << width) - 1) - whole + 1)
@@ -223,23 +261,24 @@ class Selection:
         self.collect = remaining <= COLLECT_CAP
 
     def _end_collect(self) -> None:
-        keys = [] if self.cand_key is None else self.cand_key.tolist()
+        keys = torch.empty(0, dtype=torch.int64) if self.cand_key is None else self.cand_key
+        if keys.numel() < self.need:
+            raise ValueError("fewer candidates than the histogram counted: a chunk was missed")
+        # The need-th largest key (kthvalue counts from the smallest).
+        chosen = int(torch.kthvalue(keys, keys.numel() - self.need + 1).values)
         if self.stage == "index":
-            chosen = sorted(keys, reverse=True)[self.need - 1]
             self._finish_cut(((1 << self._width()) - 1) - chosen + 1)
             return
-        index = self.cand_index.tolist() if self.cand_index is not None else []
-        order = sorted(zip(keys, index, strict=True), key=lambda p: (-p[0], p[1]))
-        threshold = order[self.need - 1][0]
-        greater = sum(1 for key in keys if key > threshold)
-        tied = sorted(i for key, i in zip(keys, index, strict=True) if key == threshold)
+        index = self.cand_index if self.cand_index is not None else torch.empty(0, dtype=torch.int64)
+        greater = int(torch.count_nonzero(keys > chosen))
+        tied = torch.sort(index[keys == chosen]).values
         self.n_greater += greater
         self.need -= greater
         self.cand_key = self.cand_index = None
-        self.threshold_bits = threshold
-        self.n_equal = len(tied)
-        cut = self.numel if self.need == len(tied) else tied[self.need - 1] + 1
-        self._finish(self.dtype, threshold, self.n_greater, self.n_equal, self.need, cut)
+        self.threshold_bits = chosen
+        self.n_equal = tied.numel()
+        cut = self.numel if self.need == self.n_equal else int(tied[self.need - 1]) + 1
+        self._finish(self.dtype, chosen, self.n_greater, self.n_equal, self.need, cut)
 
     def _settle_threshold(self, threshold: int, n_equal: int) -> None:
         self.threshold_bits = threshold
@@ -261,7 +300,7 @@ class Selection:
     def _finish(
         self, dtype: torch.dtype | None, threshold_bits: int, n_greater: int, n_equal: int, keep_equal: int, cut: int
     ) -> None:
-        self.hist = self.hmin = self.hmax = self.cand_key = self.cand_index = None
+        self.hist = self.kmin = self.kmax = self.cand_key = self.cand_index = None
         self.result = TopKResult(
             numel=self.numel,
             k=self.k,
@@ -284,5 +323,5 @@ class Selection:
         return self.result.mask(x, start, out=out, workspace=workspace)
 
     def nbytes(self) -> int:
-        held = (self.hist, self.hmin, self.hmax, self.cand_key, self.cand_index)
+        held = (self.hist, self.cand_key, self.cand_index)
         return sum(t.numel() * t.element_size() for t in held if t is not None)

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..rng import bernoulli_mask
-from ._taskvec import TaskVectorMethod, TaskVectorParams
+from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
 from .base import State
 
 
@@ -45,6 +45,6 @@ class Dare(TaskVectorMethod):
         if p.density == 1.0:
             return  # u < 1 always: every element kept, rescaled by 1
         keep = bernoulli_mask(p.seed, i, state.key, start, delta.numel(), p.density, device=delta.device)
-        delta.masked_fill_(~keep, 0.0)
+        keep_only(delta, keep, self.workspace)
         if p.rescale:
             delta.div_(p.density)

@@ -33,7 +33,7 @@ import torch
 
 from ..rng import bernoulli_mask
 from ..workspace import Workspace
-from ._taskvec import TaskVectorMethod, TaskVectorParams
+from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
 from .base import Read, State
 
 BIN_BITS = 12
@@ -130,6 +130,6 @@ class Della(TaskVectorMethod):
         else:  # epsilon == 0: one probability
             prob = torch.full(delta.shape, p.density, dtype=torch.float64, device=delta.device)
         keep = bernoulli_mask(p.seed, i, state.key, start, delta.numel(), prob, device=delta.device)
-        delta.masked_fill_(~keep, 0.0)
+        keep_only(delta, keep, self.workspace)
         if p.rescale:
             delta.div_(prob.to(delta.dtype))
