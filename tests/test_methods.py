@@ -666,6 +666,36 @@ def test_selection_matches_stats(dtype):
         assert sel.result.passes <= 5
 
 
+@pytest.mark.parametrize("kind", ["float16 grid", "one value"])
+def test_a_tie_split_reads_only_the_chunk_holding_the_cut(kind):
+    """Deltas of float16 checkpoints tie at the threshold; the pass that settles it records
+    each chunk's ties, so the index pass needs one chunk, not the tensor, and still keeps
+    exactly what stats.py keeps."""
+    numel, chunk = 1 << 20, 1 << 16
+    gen = torch.Generator().manual_seed(11)
+    if kind == "float16 grid":
+        a, b = (torch.randn(numel, generator=gen) * 0.05).half(), (torch.randn(numel, generator=gen) * 0.05).half()
+        x = a.float() - b.float()
+    else:
+        x = torch.full((numel,), 0.25)
+    k = numel // 5 + 3
+    sel = Selection(numel, k, inert_zeros=True)
+    fed = []
+    while not sel.done:
+        index_stage = sel.stage == "index"
+        for s in range(0, numel, chunk):
+            if sel.wants(s, chunk):
+                fed.append((index_stage, s))
+                sel.feed(x[s : s + chunk], s)
+        sel.end_pass()
+    ref = exact_topk_mask(lambda: iter(x.split(chunk)), numel, k)
+    assert dataclasses.replace(sel.result, passes=0) == dataclasses.replace(ref.result, passes=0)
+    assert 0 < sel.result.n_equal_to_keep < sel.result.n_equal  # a tie split happened
+    assert len({s for index_stage, s in fed if index_stage}) == 1  # one chunk (over one or more passes)
+    got = torch.cat([sel.mask(x[s : s + chunk], s) for s in range(0, numel, chunk)])
+    assert torch.equal(got, ref(x, 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: states are small and do not grow with the tensor
 

@@ -46,6 +46,7 @@ MAX_HIST_BITS = 16
 MIN_HIST_BITS = 11  # 2048 bins: float32 magnitudes in at most 3 digits
 HIST_BUDGET = 8 << 20  # bytes of histograms that the selections of one tensor hold at once
 COLLECT_CAP = 1024
+CHUNK_KEYS_CAP = 4096  # distinct keys per selection that a settling pass records per chunk
 MAX_INDEX_BITS = 62  # rng.py's element-index range
 MAX_PASSES = -(-63 // MIN_HIST_BITS) + -(-MAX_INDEX_BITS // MIN_HIST_BITS)
 
@@ -86,6 +87,12 @@ class Selection:
     kmax: int | None = None  # every key sharing the prefix is that one
     cand_key: torch.Tensor | None = None  # collect: the candidates' keys (CPU int64)
     cand_index: torch.Tensor | None = None  # collect, magnitude stage: their element indices
+    # Per chunk of this magnitude pass: (start, n, how many keys share the prefix, and in the
+    # pass that can settle the key, their distinct keys and counts), so that a tie split can
+    # then look at the one chunk holding the cut (`window`) instead of the whole tensor.
+    chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    chunk_keys: bool = True  # False once the distinct keys outgrew CHUNK_KEYS_CAP
+    window: tuple[int, int] | None = None  # index stage: only elements [lo, hi) hold kept ties
     passes: int = 0
     result: TopKResult | None = field(default=None)
 
@@ -132,6 +139,11 @@ class Selection:
             self.dtype = kd
         elif kd != self.dtype:
             raise TypeError(f"chunk dtype {x.dtype} differs from the earlier chunks' ({self.dtype})")
+        if self.window is not None:  # index stage: only the chunk holding the cut matters
+            lo, hi = max(start, self.window[0]), min(start + x.numel(), self.window[1])
+            if lo >= hi:
+                return
+            x, start = x.reshape(-1)[lo - start : hi - start], lo
         n = x.numel()
 
         def scratch(tag: str, dtype: torch.dtype) -> torch.Tensor:
@@ -170,6 +182,8 @@ class Selection:
             self._append(keys.to("cpu", dtype=torch.int64, copy=True), None if index is None else index.cpu())
             return
         digit_bits = self._digit_bits()
+        if self.stage == "magnitude":
+            self._record_chunk(start, n, keys, final=self.known + digit_bits == width)
         bins = 1 << digit_bits
         digits = scratch("select.digits", keys.dtype)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
@@ -183,6 +197,39 @@ class Selection:
         if keys.numel():
             lo, hi = (int(v) for v in torch.aminmax(keys))
             self._see(lo, hi)
+
+    def wants(self, start: int, n: int) -> bool:
+        """Whether a pass needs elements [start, start + n) at all (a caller may skip the read)."""
+        if self.done:
+            return False
+        return self.window is None or (start < self.window[1] and self.window[0] < start + n)
+
+    def _record_chunk(self, start: int, n: int, keys: torch.Tensor, *, final: bool) -> None:
+        """Note how many keys of this chunk share the prefix and, if this pass settles the key
+        (its digit is the last), which distinct keys they are: few when inputs are float16 or
+        bfloat16 (their deltas lie on a coarse grid), which is also when ties are many."""
+        uniq = counts = None
+        # Only a prefix-filtered few: a whole chunk's distinct keys would cost a sort of it.
+        if final and self.chunk_keys and self.known and keys.numel() <= n // 8:
+            uniq, counts = torch.unique(keys, return_counts=True)
+            uniq, counts = uniq.to("cpu", torch.int64), counts.cpu()
+            if sum(c[3].numel() for c in self.chunks if c[3] is not None) + uniq.numel() > CHUNK_KEYS_CAP:
+                uniq = counts = None
+        if uniq is None and self.chunk_keys and final:  # without this chunk's keys, none are of use
+            self.chunk_keys = False
+            self.chunks = [(a, b, m, None, None) for a, b, m, _, _ in self.chunks]
+        self.chunks.append((start, n, keys.numel(), uniq, counts))
+
+    def _ties_per_chunk(self, key: int, single: bool) -> list[tuple[int, int, int]] | None:
+        """(start, n, elements of the chunk equal to `key`) for every chunk of the settling pass,
+        in element order, or None where the pass did not record them."""
+        if single:  # every key sharing the prefix is `key`
+            spans = [(a, b, m) for a, b, m, _, _ in self.chunks]
+        elif self.chunk_keys and all(c[3] is not None for c in self.chunks):
+            spans = [(a, b, int(cnt[uniq == key].sum())) for a, b, _, uniq, cnt in self.chunks]
+        else:
+            return None
+        return sorted(spans)
 
     def _count_dtype(self) -> torch.dtype:
         return torch.int32 if self.numel < 1 << 31 else torch.int64
@@ -203,8 +250,9 @@ class Selection:
     def merge(self, other: Selection) -> None:
         if self.done:
             return
-        same = (self.stage, self.collect, self.prefix, self.known, self.need, self.passes, self.max_bits)
-        if same != (other.stage, other.collect, other.prefix, other.known, other.need, other.passes, other.max_bits):
+        same = (self.stage, self.collect, self.prefix, self.known, self.need, self.passes, self.max_bits, self.window)
+        if same != (other.stage, other.collect, other.prefix, other.known, other.need, other.passes, other.max_bits,
+                    other.window):
             raise ValueError("cannot merge selections at different steps")
         if self.dtype is None:
             self.dtype = other.dtype
@@ -213,6 +261,11 @@ class Selection:
         if other.hist is not None:
             self.hist = other.hist.clone() if self.hist is None else self.hist.add_(other.hist)
         self._see(other.kmin, other.kmax)
+        self.chunks.extend(other.chunks)
+        recorded = sum(c[3].numel() for c in self.chunks if c[3] is not None)
+        self.chunk_keys = self.chunk_keys and other.chunk_keys and recorded <= CHUNK_KEYS_CAP
+        if not self.chunk_keys:
+            self.chunks = [(a, b, m, None, None) for a, b, m, _, _ in self.chunks]
         if other.cand_key is not None:
             self._append(other.cand_key, other.cand_index)
 
@@ -234,7 +287,9 @@ class Selection:
             raise ValueError("a selection pass saw no element")
         counts = self.hist.to(torch.int64)
         single = self.kmin if self.kmin == self.kmax else None
+        chunks = self.chunks
         self.hist = self.kmin = self.kmax = None
+        self.chunks = []
         # The need-th largest lies in the highest digit where the count from the top reaches need.
         from_top = counts.flip(0).cumsum(0)
         rank = int(torch.searchsorted(from_top, self.need))
@@ -254,7 +309,8 @@ class Selection:
         else:
             self.n_greater += above
             if whole is not None:
-                self._settle_threshold(whole, remaining)
+                self.chunks = chunks
+                self._settle_threshold(whole, remaining, self._ties_per_chunk(whole, whole == single))
                 return
         self.prefix = (self.prefix << digit_bits) | digit
         self.known += digit_bits
@@ -280,7 +336,8 @@ class Selection:
         cut = self.numel if self.need == self.n_equal else int(tied[self.need - 1]) + 1
         self._finish(self.dtype, chosen, self.n_greater, self.n_equal, self.need, cut)
 
-    def _settle_threshold(self, threshold: int, n_equal: int) -> None:
+    def _settle_threshold(self, threshold: int, n_equal: int, ties: list[tuple[int, int, int]] | None) -> None:
+        self.chunks = []
         self.threshold_bits = threshold
         self.n_equal = n_equal
         self.keep_equal = self.need
@@ -288,10 +345,19 @@ class Selection:
             # Every tie is kept (with inert zeros: all zeros are, which changes no output value).
             self._finish(self.dtype, threshold, self.n_greater, n_equal, n_equal, self.numel)
             return
-        # Only the first `need` tied elements in index order are kept: select their indices.
+        # Only the first `need` tied elements in index order are kept: select their indices,
+        # if the chunks' tie counts are known, among the ties of the chunk holding the cut only.
         self.stage = "index"
         self.prefix = self.known = 0
-        self.collect = n_equal <= COLLECT_CAP
+        in_window = n_equal
+        if ties is not None and sum(t for _, _, t in ties) == n_equal:
+            before = 0
+            for start, n, tied in ties:
+                if before + tied >= self.need:
+                    self.window, self.need, in_window = (start, start + n), self.need - before, tied
+                    break
+                before += tied
+        self.collect = in_window <= COLLECT_CAP
 
     def _finish_cut(self, cut: int) -> None:
         self.cand_key = None
@@ -301,6 +367,7 @@ class Selection:
         self, dtype: torch.dtype | None, threshold_bits: int, n_greater: int, n_equal: int, keep_equal: int, cut: int
     ) -> None:
         self.hist = self.kmin = self.kmax = self.cand_key = self.cand_index = None
+        self.chunks = []
         self.result = TopKResult(
             numel=self.numel,
             k=self.k,
@@ -323,5 +390,5 @@ class Selection:
         return self.result.mask(x, start, out=out, workspace=workspace)
 
     def nbytes(self) -> int:
-        held = (self.hist, self.cand_key, self.cand_index)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        held = [self.hist, self.cand_key, self.cand_index, *(t for c in self.chunks for t in c[3:])]
+        return sum(t.numel() * t.element_size() for t in held if t is not None) + 48 * len(self.chunks)

@@ -226,13 +226,14 @@ class SelectingMethod(TaskVectorMethod):
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
         delta = ws.like("taskvec.delta", base)
+        n = base.numel()
         for j, i in enumerate(self.others(state.n_inputs)):
-            if all(sel.done for sel in state.selections[j]):
-                continue
+            if not any(sel.wants(start, n) for sel in state.selections[j]):
+                continue  # done, or a tie split that looks at another chunk: not read
             torch.sub(read(i), base, out=delta)
             for sel in state.selections[j]:
                 sel.feed(delta, start, ws)
-        return base.numel()
+        return n
 
     def _end_pass(self, state: SelectionState) -> None:
         for sels in state.selections:
