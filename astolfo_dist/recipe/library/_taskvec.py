@@ -30,6 +30,7 @@ inputs. Sparsification adds its own (TIES: the keep masks and the magnitude patt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -135,10 +136,13 @@ class _Sides:
     """Sign election in the same sweep as the mix: the sign is known only once every input
     was seen, so both candidates are summed on the way.
 
-    `mix` sums the positive d_i and `neg` the negative ones, each in input order from +0 with
-    the other elements adding +0: exactly the additions the sum of the agreeing d_i makes, so
-    `elect` picking the elected side per element equals it bit for bit. With `normalize` the
-    weights of each side are summed likewise (w * {0, 1} is exact)."""
+    `mix` sums max(d_i, 0) and `neg` min(d_i, 0), each in input order from +0: the agreeing
+    d_i plus zeros, and a zero added to these sums (never -0: they start at +0 and take one
+    sign only) changes nothing, so `elect` picking the elected side per element equals the
+    sum of the agreeing d_i bit for bit. A NaN d_i goes into the score (where it elects -),
+    then counts as a zero: it never agrees. With `normalize` the weights of each side are
+    summed likewise, as w * max(sign(d_i), 0) and -w * min(sign(d_i), 0) (exact).
+    Clamps and signs, not comparisons and masks: fewer and branch-free passes over the chunk."""
 
     def __init__(self, ws: Workspace, mix: torch.Tensor, consensus: str, normalized: bool) -> None:
         self.mix, self.count = mix, consensus == "count"
@@ -153,14 +157,14 @@ class _Sides:
             self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
 
     def add(self, d: torch.Tensor, w: float) -> None:
+        """Take in d (the caller's buffer: overwritten)."""
         self.score.add_(torch.sign(d, out=self.term) if self.count else d)
-        torch.gt(d, 0, out=self.is_pos)  # a zero or NaN d is on neither side: it never agrees
-        torch.lt(d, 0, out=self.is_neg)
-        self.mix.add_(keep_only(d, self.is_pos, self.ws, out=self.term))
-        self.neg.add_(keep_only(d, self.is_neg, self.ws, out=self.term))
+        d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)  # a NaN d is on neither side
+        self.mix.add_(torch.clamp(d, min=0.0, out=self.term))
+        self.neg.add_(torch.clamp(d, max=0.0, out=self.term))
         if self.weights is not None:
-            self.weights[0].add_(self.term.copy_(self.is_pos), alpha=w)
-            self.weights[1].add_(self.term.copy_(self.is_neg), alpha=w)
+            self.weights[0].add_(torch.sign(d, out=self.term).clamp_(min=0.0), alpha=w)
+            self.weights[1].add_(torch.sign(d, out=self.term).clamp_(max=0.0), alpha=-w)
 
     def elect(self) -> None:
         """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1)."""
