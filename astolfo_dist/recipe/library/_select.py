@@ -20,17 +20,24 @@ selection with statistics that are sums and sets:
   at most `COLLECT_CAP` elements is settled by a single collect pass;
 * if the threshold is settled but only some of the tied elements are kept, the kept ones are
   the first in index order: the same radix selection runs over their indices (the smallest
-  first), where stats.py would stop a sequential pass at the cut. With `inert_zeros`, ties at
+  first), where stats.py would stop a sequential pass at the cut. The pass that settled the
+  threshold noted, per chunk, how many keys share the prefix and (if they are few) their
+  distinct keys, so the tie count of every chunk is known: the index passes then look at the
+  one chunk holding the cut (`wants` lets a caller skip reading the others). Deltas of
+  float16 or bfloat16 checkpoints tie at the threshold almost always, so without this most
+  tensors took a third pass over every input. With `inert_zeros`, ties at
   |x| = 0 are never split (all zeros are kept): a caller for which a zero contributes nothing
   (TIES, breadcrumbs: a zero delta adds nothing and never agrees with an elected sign) gets
   the same output without the index passes.
 
 Typical passes: 2 for float32 magnitudes of real tensors (1 for tensors of one value, or of
-at most COLLECT_CAP elements); at most `MAX_PASSES`. Why the wide first digit: every pass
-re-reads all inputs and recomputes their deltas, so a third pass cost TIES a third more
-time (benchmarks/methods.py). State per selection: one histogram of 2**max_bits int64 counts
-during a pass (512 KiB at 16 bits; callers holding many selections at once lower max_bits,
-see `hist_bits_for`), or at most COLLECT_CAP candidate pairs (16 KiB).
+at most COLLECT_CAP elements), plus a tie split over one chunk; at most `MAX_PASSES`. Why
+the wide first digit: every pass re-reads all inputs and recomputes their deltas, so a third
+pass cost TIES a third more time (benchmarks/methods.py). State per selection: one histogram
+of 2**max_bits int32 counts during a pass (256 KiB at 16 bits; callers holding many
+selections at once lower max_bits so that a tensor's histograms stay within HIST_BUDGET, see
+`hist_bits_for`), or at most COLLECT_CAP candidate pairs (16 KiB), and the settling pass's
+per-chunk records (within CHUNK_KEYS_BUDGET for all selections of a tensor, `chunk_keys_cap`).
 """
 
 from __future__ import annotations
@@ -46,9 +53,14 @@ MAX_HIST_BITS = 16
 MIN_HIST_BITS = 11  # 2048 bins: float32 magnitudes in at most 3 digits
 HIST_BUDGET = 8 << 20  # bytes of histograms that the selections of one tensor hold at once
 COLLECT_CAP = 1024
-CHUNK_KEYS_CAP = 4096  # distinct keys per selection that a settling pass records per chunk
+CHUNK_KEYS_BUDGET = 4 << 20  # bytes of per-chunk tie records (16 per key) the selections of one tensor hold
 MAX_INDEX_BITS = 62  # rng.py's element-index range
 MAX_PASSES = -(-63 // MIN_HIST_BITS) + -(-MAX_INDEX_BITS // MIN_HIST_BITS)
+
+
+def chunk_keys_cap(selections: int = 1) -> int:
+    """Distinct keys per selection that a settling pass may record, `selections` at once."""
+    return max(256, CHUNK_KEYS_BUDGET // (16 * max(1, selections)))
 
 
 def hist_bits_for(numel: int, selections: int = 1) -> int:
@@ -82,6 +94,7 @@ class Selection:
     keep_equal: int = 0  # how many of the n_equal tied elements are kept
     inert_zeros: bool = False  # |x| = 0 changes nothing downstream: never split ties at zero
     max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
+    keys_cap: int | None = None  # the most per-chunk distinct keys recorded; None: chunk_keys_cap()
     hist: torch.Tensor | None = None  # this pass's counts per digit (CPU int32, int64 for huge tensors)
     kmin: int | None = None  # the smallest and largest key this pass saw: if they agree,
     kmax: int | None = None  # every key sharing the prefix is that one
@@ -91,7 +104,7 @@ class Selection:
     # pass that can settle the key, their distinct keys and counts), so that a tie split can
     # then look at the one chunk holding the cut (`window`) instead of the whole tensor.
     chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
-    chunk_keys: bool = True  # False once the distinct keys outgrew CHUNK_KEYS_CAP
+    chunk_keys: bool = True  # False once the distinct keys outgrew keys_cap
     window: tuple[int, int] | None = None  # index stage: only elements [lo, hi) hold kept ties
     passes: int = 0
     result: TopKResult | None = field(default=None)
@@ -102,6 +115,8 @@ class Selection:
         self.need = self.k
         if self.max_bits is None:
             self.max_bits = hist_bits_for(self.numel)
+        if self.keys_cap is None:
+            self.keys_cap = chunk_keys_cap()
         self.collect = self.numel <= COLLECT_CAP  # small tensors: one collect pass settles everything
         if self.k == 0:
             self._finish(None, 0, 0, 0, 0, 0)
@@ -213,7 +228,7 @@ class Selection:
         if final and self.chunk_keys and self.known and keys.numel() <= n // 8:
             uniq, counts = torch.unique(keys, return_counts=True)
             uniq, counts = uniq.to("cpu", torch.int64), counts.cpu()
-            if sum(c[3].numel() for c in self.chunks if c[3] is not None) + uniq.numel() > CHUNK_KEYS_CAP:
+            if sum(c[3].numel() for c in self.chunks if c[3] is not None) + uniq.numel() > self.keys_cap:
                 uniq = counts = None
         if uniq is None and self.chunk_keys and final:  # without this chunk's keys, none are of use
             self.chunk_keys = False
@@ -263,7 +278,7 @@ class Selection:
         self._see(other.kmin, other.kmax)
         self.chunks.extend(other.chunks)
         recorded = sum(c[3].numel() for c in self.chunks if c[3] is not None)
-        self.chunk_keys = self.chunk_keys and other.chunk_keys and recorded <= CHUNK_KEYS_CAP
+        self.chunk_keys = self.chunk_keys and other.chunk_keys and recorded <= self.keys_cap
         if not self.chunk_keys:
             self.chunks = [(a, b, m, None, None) for a, b, m, _, _ in self.chunks]
         if other.cand_key is not None:

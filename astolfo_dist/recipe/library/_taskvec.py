@@ -37,7 +37,7 @@ from typing import ClassVar
 import torch
 
 from ..workspace import Workspace
-from ._select import MAX_PASSES, Selection, hist_bits_for
+from ._select import MAX_PASSES, Selection, chunk_keys_cap, hist_bits_for
 from .base import Method, Params, Read, State, input_weights
 
 CONSENSUS = ("sum", "count")
@@ -219,8 +219,9 @@ class SelectingMethod(TaskVectorMethod):
     def _begin(self, key: str, numel: int, n_inputs: int) -> SelectionState:
         ks = self.counts(numel)
         others = self.others(n_inputs)
-        bits = hist_bits_for(numel, len(ks) * len(others))  # all of them hold a histogram at once
-        sels = [[Selection(numel, k, inert_zeros=True, max_bits=bits) for k in ks] for _ in others]
+        n_sel = len(ks) * len(others)  # all of them hold their statistics at once
+        bits, cap = hist_bits_for(numel, n_sel), chunk_keys_cap(n_sel)
+        sels = [[Selection(numel, k, inert_zeros=True, max_bits=bits, keys_cap=cap) for k in ks] for _ in others]
         state = SelectionState(key, numel, n_inputs, selections=sels)
         state.refresh()
         return state
