@@ -692,8 +692,43 @@ def test_a_tie_split_reads_only_the_chunk_holding_the_cut(kind):
     assert dataclasses.replace(sel.result, passes=0) == dataclasses.replace(ref.result, passes=0)
     assert 0 < sel.result.n_equal_to_keep < sel.result.n_equal  # a tie split happened
     assert len({s for index_stage, s in fed if index_stage}) == 1  # one chunk (over one or more passes)
+    assert sum(1 for s in range(0, numel, chunk) if sel.skip_length(s) is None) <= 1 or sel.done
     got = torch.cat([sel.mask(x[s : s + chunk], s) for s in range(0, numel, chunk)])
     assert torch.equal(got, ref(x, 0))
+
+
+def test_ties_tie_split_reads_only_the_chunks_holding_the_cuts():
+    """TIES over deltas of float16 checkpoints: two full passes settle the thresholds, and
+    the tie split reads the base and the input only where an input's cut lies."""
+    numel, chunk, n = 1 << 20, 1 << 16, 3
+    gen = torch.Generator().manual_seed(12)
+    xs = [(torch.randn(numel, generator=gen) * 0.05).half().float() for _ in range(n + 1)]
+    method = build("ties", {"density": 0.2}, base=0)
+    state = method.begin("k", numel, n + 1)
+    reads: list[int] = []
+    while not method.ready(state):
+        reads.append(0)
+        for s in range(0, numel, chunk):
+            reader = Reader(xs, s, chunk)
+
+            def counted(i: int, reader: Reader = reader) -> torch.Tensor:
+                reads[-1] += 1
+                return reader(i)
+
+            method.observe(state, len(reads) - 1, s, counted)
+        method.end_pass(state, len(reads) - 1)
+    full = (n + 1) * numel // chunk
+    assert reads[:2] == [full, full] and len(reads) == 3
+    assert 2 <= reads[2] <= 2 * n  # per input: its window's chunk, and the base there
+    out = torch.cat([_output(method, state, xs, s, chunk) for s in range(0, numel, chunk)])
+    whole, _ = run(build("ties", {"density": 0.2}, base=0), xs, numel)  # one chunk: no window
+    assert bits_equal(out, whole)
+
+
+def _output(method: Method, state, xs: list[torch.Tensor], start: int, chunk: int) -> torch.Tensor:
+    out = torch.empty(min(chunk, xs[0].numel() - start))
+    method.output(state, start, Reader(xs, start, chunk), out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ SCRATCH_PARAMS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["normal", "zeros"])
+@pytest.mark.parametrize("kind", ["normal", "zeros", "ties"])
 @pytest.mark.parametrize("name,params", SCRATCH_PARAMS, ids=[f"{n}-{len(p)}" for n, p in SCRATCH_PARAMS])
 def test_workspace_stays_within_the_declared_scratch(name, params, kind, dtype):
     """The memory budget reserves `scratch_chunks` chunk buffers per node: the bound must hold."""
@@ -142,6 +142,8 @@ def test_workspace_stays_within_the_declared_scratch(name, params, kind, dtype):
     numel = 1 << 14
     gen = torch.Generator().manual_seed(5)
     xs = [torch.randn(numel, generator=gen, dtype=dtype) for _ in range(n_inputs)]
+    if kind == "ties":  # a few distinct deltas: thousands tie at the threshold (the index stage)
+        xs = [torch.randint(-3, 4, (numel,), generator=gen).to(dtype) * 2**-7 for _ in range(n_inputs)]
     if kind == "zeros":
         for x in xs[:-1]:
             x[torch.rand(numel, generator=gen) < 0.6] = 0.0

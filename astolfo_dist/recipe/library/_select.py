@@ -23,9 +23,11 @@ selection with statistics that are sums and sets:
   first), where stats.py would stop a sequential pass at the cut. The pass that settled the
   threshold noted, per chunk, how many keys share the prefix and (if they are few) their
   distinct keys, so the tie count of every chunk is known: the index passes then look at the
-  one chunk holding the cut (`wants` lets a caller skip reading the others). Deltas of
-  float16 or bfloat16 checkpoints tie at the threshold almost always, so without this most
-  tensors took a third pass over every input. With `inert_zeros`, ties at
+  one chunk holding the cut (`wants` and `skip_length` let a caller skip reading the others).
+  Deltas of float16 or bfloat16 checkpoints tie at the threshold almost always, so without
+  this most tensors took a third pass over every input. (Not for float16 or bfloat16 keys
+  themselves, whose one settling pass has no prefix to narrow the records down: their tie
+  split reads every chunk. The methods' keys are float32 or float64 deltas.) With `inert_zeros`, ties at
   |x| = 0 are never split (all zeros are kept): a caller for which a zero contributes nothing
   (TIES, breadcrumbs: a zero delta adds nothing and never agrees with an elected sign) gets
   the same output without the index passes.
@@ -37,7 +39,8 @@ pass cost TIES a third more time (benchmarks/methods.py). State per selection: o
 of 2**max_bits int32 counts during a pass (256 KiB at 16 bits; callers holding many
 selections at once lower max_bits so that a tensor's histograms stay within HIST_BUDGET, see
 `hist_bits_for`), or at most COLLECT_CAP candidate pairs (16 KiB), and the settling pass's
-per-chunk records (within CHUNK_KEYS_BUDGET for all selections of a tensor, `chunk_keys_cap`).
+per-chunk records: a few numbers per chunk, and distinct keys within CHUNK_KEYS_BUDGET for
+all selections of a tensor (`chunk_keys_cap`).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class Selection:
     chunks: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
     chunk_keys: bool = True  # False once the distinct keys outgrew keys_cap
     window: tuple[int, int] | None = None  # index stage: only elements [lo, hi) hold kept ties
+    grid: dict[int, int] | None = None  # with a window: the settling pass's chunks, start -> length
     passes: int = 0
     result: TopKResult | None = field(default=None)
 
@@ -172,14 +176,16 @@ class Selection:
             where = scratch("select.where", torch.int64)[:0].view(0, 1)
             return torch.nonzero(mask, out=where).view(-1)
 
-        # Keys in int32 where they fit (half the memory traffic of int64): bincount takes them.
+        # Keys in int32 where they fit (half the memory traffic of int64), index keys of the tie
+        # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
         key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
         bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits
         else:  # ties at the threshold to split: rank their indices, the smallest first
             ties = positions(torch.eq(bits, self.threshold_bits, out=scratch("select.mask", torch.bool)))
-            keys = torch.neg(ties, out=scratch("select.keys", torch.int64)[: ties.numel()])
+            index_int = key_int if self._index_bits() <= 31 else torch.int64
+            keys = scratch("select.keys", index_int)[: ties.numel()].copy_(ties).neg_()
             keys.add_((1 << self._index_bits()) - 1 - start)  # (2**bits - 1) - (start + position)
         width = self._width()
         index: torch.Tensor | None = None  # the candidates' element indices (magnitude collect)
@@ -218,6 +224,15 @@ class Selection:
         if self.done:
             return False
         return self.window is None or (start < self.window[1] and self.window[0] < start + n)
+
+    def skip_length(self, start: int) -> int | None:
+        """The length of the chunk at `start` if it is one of the settling pass's chunks and
+        this selection needs none of it (a caller may then skip the chunk without reading
+        anything); None if it may need it or does not know the chunk."""
+        if self.done or self.window is None or self.grid is None or start not in self.grid:
+            return None
+        n = self.grid[start]
+        return None if start < self.window[1] and self.window[0] < start + n else n
 
     def _record_chunk(self, start: int, n: int, keys: torch.Tensor, *, final: bool) -> None:
         """Note how many keys of this chunk share the prefix and, if this pass settles the key
@@ -308,6 +323,8 @@ class Selection:
         # The need-th largest lies in the highest digit where the count from the top reaches need.
         from_top = counts.flip(0).cumsum(0)
         rank = int(torch.searchsorted(from_top, self.need))
+        if rank == len(counts):
+            raise ValueError("fewer elements than the selection needs: a chunk was missed")
         digit = len(counts) - 1 - rank
         above = int(from_top[rank - 1]) if rank else 0
         self.need -= above
@@ -370,6 +387,7 @@ class Selection:
             for start, n, tied in ties:
                 if before + tied >= self.need:
                     self.window, self.need, in_window = (start, start + n), self.need - before, tied
+                    self.grid = {a: b for a, b, _ in ties}
                     break
                 before += tied
         self.collect = in_window <= COLLECT_CAP
@@ -382,7 +400,7 @@ class Selection:
         self, dtype: torch.dtype | None, threshold_bits: int, n_greater: int, n_equal: int, keep_equal: int, cut: int
     ) -> None:
         self.hist = self.kmin = self.kmax = self.cand_key = self.cand_index = None
-        self.chunks = []
+        self.chunks, self.grid = [], None
         self.result = TopKResult(
             numel=self.numel,
             k=self.k,

@@ -19,13 +19,14 @@ arithmetic), each element computes
 One sweep over the inputs: 1 + n reads per chunk, and each input is sparsified once (for
 DARE and DELLA, one draw of its random mask). With sign election the agreeing sum cannot
 wait for the elected sign, so the sweep keeps S, the sum of the positive d_i and the sum of
-the negative d_i (each in input order from +0, the other elements adding +0: the very
-additions the agreeing sum makes) and, with normalize, the weights of each side; then each
-element takes the side its sign elected. Memory per chunk (workspace buffers besides `out`,
-which holds the mix): without election the base and one input delta (two chunk-sized
-buffers); with election also S, the negative sum, one term and two bool masks (five more),
-and with normalize the two weight sums (two more): nine at most, whatever the number of
-inputs. Sparsification adds its own (TIES: the keep masks and the magnitude patterns).
+the negative d_i (each in input order from +0, the other elements adding zeros, which
+change nothing) and, with normalize, the weights of each side; then each element takes the
+side its sign elected. Memory per chunk (workspace buffers besides `out`, which holds the
+mix): the base and one input delta (two chunk-sized buffers); with election also S, the
+negative sum, one term, a bool mask and the integer mask that picks a side (five more); with
+normalize the two weight sums and a bool mask (three more): ten at most, whatever the number
+of inputs. Sparsification adds its own (the integer keep mask; TIES: the keep masks and the
+magnitude patterns).
 """
 
 from __future__ import annotations
@@ -45,17 +46,14 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
          torch.float64: torch.int64}
 
 
-def keep_only(x: torch.Tensor, keep: torch.Tensor, ws: Workspace, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x where `keep`, else +0.0 (NaN and inf dropped too), into `out` (default: x in place).
-
-    An AND of the bit patterns with all-ones or zero: masked_fill_ and torch.where branch per
-    element, and on random masks (DARE, TIES) cost 3.5-4 ns per element on this project's
-    CPU against 0.7 ns for this (benchmarks/methods.py's kernel table)."""
+def keep_only(x: torch.Tensor, keep: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """In place: x where `keep`, else +0.0 (NaN and inf dropped too)."""
+    # An AND of the bit patterns with all-ones or zero: masked_fill_ and torch.where branch per
+    # element, and on random masks (DARE, TIES) cost 3.5-4 ns per element on the 2-core VM of
+    # the README's benchmarks, against 0.7 ns for this (one thread, 2**20 elements).
     ints = _BITS[x.dtype]
     bits = ws.like("taskvec.keep_bits", x, ints).copy_(keep).neg_()  # True -> -1: all bits set
-    target = x if out is None else out
-    torch.bitwise_and(x.view(ints), bits, out=target.view(ints))
-    return target
+    return x.view(ints).bitwise_and_(bits).view(x.dtype)
 
 
 def pick(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: Workspace) -> torch.Tensor:
@@ -139,8 +137,9 @@ class _Sides:
     `mix` sums max(d_i, 0) and `neg` min(d_i, 0), each in input order from +0: the agreeing
     d_i plus zeros, and a zero added to these sums (never -0: they start at +0 and take one
     sign only) changes nothing, so `elect` picking the elected side per element equals the
-    sum of the agreeing d_i bit for bit. A NaN d_i goes into the score (where it elects -),
-    then counts as a zero: it never agrees. With `normalize` the weights of each side are
+    sum of the agreeing d_i bit for bit. A NaN d_i goes into the score as it is (with
+    "sum" the score is NaN and elects -; with "count" torch.sign(NaN) adds 0), then counts as
+    a zero: it never agrees. With `normalize` the weights of each side are
     summed likewise, as w * max(sign(d_i), 0) and -w * min(sign(d_i), 0) (exact).
     Clamps and signs, not comparisons and masks: fewer and branch-free passes over the chunk."""
 
@@ -150,11 +149,11 @@ class _Sides:
         self.neg = ws.like("taskvec.neg", mix).zero_()
         self.term = ws.like("taskvec.term", mix)
         self.is_pos = ws.like("taskvec.is_pos", mix, torch.bool)
-        self.is_neg = ws.like("taskvec.is_neg", mix, torch.bool)
         self.ws = ws
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
         if normalized:
             self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
+            self.is_zero = ws.like("taskvec.is_zero", mix, torch.bool)
 
     def add(self, d: torch.Tensor, w: float) -> None:
         """Take in d (the caller's buffer: overwritten)."""
@@ -172,7 +171,7 @@ class _Sides:
         pick(elected, self.mix, self.neg, self.ws)
         if self.weights is not None:
             divisor = pick(elected, *self.weights, self.ws)
-            is_zero = self.term.copy_(torch.eq(divisor, 0, out=self.is_neg))
+            is_zero = self.term.copy_(torch.eq(divisor, 0, out=self.is_zero))
             self.mix.div_(divisor.add_(is_zero))  # a zero divisor (+0 or -0) + 1 = 1; the others + 0
 
 
@@ -227,6 +226,10 @@ class SelectingMethod(TaskVectorMethod):
         return state
 
     def _observe(self, state: SelectionState, start: int, read: Read) -> int:
+        pending = [sel for sels in state.selections for sel in sels if not sel.done]
+        skips = {sel.skip_length(start) for sel in pending}
+        if pending and None not in skips and len(skips) == 1:
+            return skips.pop()  # tie splits that all look at other chunks: nothing read
         ws = self.workspace
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
