@@ -51,11 +51,14 @@ class ExactSum:
             return torch.empty_like(like, dtype=dtype) if workspace is None else workspace.like(tag, like, dtype)
 
         q = scratch("exact.q", x)
-        finite = torch.lt(torch.abs(x, out=q), math.inf, out=scratch("exact.ok", x, torch.bool))  # NaN: False
-        if not bool(finite.all()):
-            self._add_special(x[~finite])
-            x = x[finite]
-            n = x.numel()
+        # A finite float sum means finite terms (a NaN or inf term makes it NaN or inf): the
+        # elementwise check runs only when it is not (then the sum may also have overflowed).
+        if not math.isfinite(float(x.sum())):
+            finite = torch.lt(torch.abs(x, out=q), math.inf, out=scratch("exact.ok", x, torch.bool))  # NaN: False
+            if not bool(finite.all()):
+                self._add_special(x[~finite])
+                x = x[finite]
+                n = x.numel()
         # Error-free extraction (Rump, Ogita, Oishi: "Accurate floating-point summation", 2008):
         # with sigma = 2**j >= 2n * max|r|, q = (sigma + r) - sigma is r rounded to the grid
         # 2**(j-53), r - q is exact, and any float sum of the q's is exact (every partial sum is
@@ -66,7 +69,8 @@ class ExactSum:
         total = self.total
         while True:
             src = x if r is None else r
-            amax = max(float(src.amax()), -float(src.amin())) if n else 0.0
+            lo, hi = torch.aminmax(src) if n else (torch.zeros(()), torch.zeros(()))
+            amax = max(float(hi), -float(lo))
             if amax == 0.0:
                 break
             j = math.frexp(amax)[1] + lg  # amax < 2**(j - lg)
