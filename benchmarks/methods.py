@@ -275,25 +275,29 @@ def phase(frames: list[str]) -> str:
         return "estimate: weighted average z"
     if has("Selection.feed"):
         i = names.index("Selection.feed")
-        if i + 1 < len(names) and names[i + 1] == "magnitude_bits":
-            return "selection passes: magnitude_bits(delta).to(int64)"
+        callee = names[i + 1] if i + 1 < len(names) else ""
+        if callee == "magnitude_bits":
+            return "selection passes: magnitude patterns of the delta"
+        if callee.endswith("positions"):
+            return "selection passes: nonzero (prefix filter, tie positions)"
+        if callee == "Selection._record_chunk":
+            return "selection passes: per-chunk tie records"
         src = _source(frames[i])
         for key, label in (
-            ("bincount", "selection passes: bincount of digits"),
-            ("scatter_reduce", "selection passes: min/max key per digit (scatter_reduce)"),
-            ("torch.full", "selection passes: min/max key per digit (scatter_reduce)"),
-            ("self.prefix", "selection passes: filter by prefix (keys[sel])"),
-            ("keys[sel]", "selection passes: filter by prefix (keys[sel])"),
-            ("digits =", "selection passes: digit extraction"),
+            ("index_add_", "selection passes: histogram of digits"),
+            ("bincount", "selection passes: histogram of digits"),
+            ("aminmax", "selection passes: min/max key"),
+            ("self.prefix", "selection passes: nonzero (prefix filter, tie positions)"),
+            ("index_select", "selection passes: filter by prefix (index_select)"),
+            ("digit_bits", "selection passes: digit extraction"),
             ("_append", "selection passes: collect candidates"),
-            ("nonzero", "selection passes: collect candidates"),
             ("arange", "selection passes: collect candidates"),
         ):
             if key in src:
                 return label
         return "selection passes: other"
     if any(n.endswith("._end_pass") or n == "Selection.end_pass" for n in names):
-        return "end of pass: per-tensor Python (thresholds, sorting candidates)"
+        return "end of pass: per-tensor (thresholds, ranking candidates)"
     if has("TopKResult.mask") or has("Selection.mask"):
         return "keep mask: ties top-k mask in the output (magnitude bits again)"
     if has("Method.observe"):
@@ -553,7 +557,9 @@ def markdown(res: dict) -> str:
     if prof:
         lines += [
             "",
-            f"Profile at scale 1/{prof['scale']} (py-spy --native, 100 Hz, --workers as above; shares of the worker "
+            f"Profile at scale 1/{prof['scale']}"
+            f"{', ' + prof['date_utc'] + ', engine ' + prof['engine'] if 'engine' in prof else ''}"
+            " (py-spy --native, 100 Hz, --workers as above; shares of the worker "
             "threads' samples; main-thread samples, mostly the imports and the plan, are counted apart):",
             "",
         ]
@@ -765,40 +771,43 @@ def main(argv: list[str] | None = None) -> int:
                 profile["methods"][name] = profile_method(name, specs[name], output, args.workers, extra)
             log("micro-benchmarks")
             profile["micro"] = micro_benchmarks()
+            profile["engine"] = engine_source().get("commit", "?")[:10]
+            profile["date_utc"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     finally:
         for p in folder.glob(output.name + "*"):
             p.unlink(missing_ok=True)
         if not args.keep:
             tp.remove_inputs(generated, folder, created_dir)  # inputs read from --full-dir are never in it
 
-    res.update(
-        {
-            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": {**tp.machine_info(Path(args.full_dir)), "loadavg_at_end": list(os.getloadavg())},
-            "versions": tp.versions(),
-            "config": {
-                **settings(args),
-                "repeats": args.repeats,
-                "full_repeats": args.full_repeats,
-                "budget_s": args.budget_s,
-                "timeout_s": args.timeout_s,
-                "methods": METHOD_NOTES,
-                "command": [
-                    *tp.astolfo_cmd(),
-                    "merge",
-                    "MODEL...",
-                    "-o",
-                    "OUT",
-                    "--overwrite",
-                    "-q",
-                    "--workers",
-                    str(args.workers),
-                    *(["--memory", args.memory] if args.memory else []),
-                ],
-            },
-            "engine_source": engine_source(),
-        }
-    )
+    if scales or "config" not in res:  # a profile-only run leaves the tables' settings as they were
+        res.update(
+            {
+                "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "machine": {**tp.machine_info(Path(args.full_dir)), "loadavg_at_end": list(os.getloadavg())},
+                "versions": tp.versions(),
+                "config": {
+                    **settings(args),
+                    "repeats": args.repeats,
+                    "full_repeats": args.full_repeats,
+                    "budget_s": args.budget_s,
+                    "timeout_s": args.timeout_s,
+                    "methods": METHOD_NOTES,
+                    "command": [
+                        *tp.astolfo_cmd(),
+                        "merge",
+                        "MODEL...",
+                        "-o",
+                        "OUT",
+                        "--overwrite",
+                        "-q",
+                        "--workers",
+                        str(args.workers),
+                        *(["--memory", args.memory] if args.memory else []),
+                    ],
+                },
+                "engine_source": engine_source(),
+            }
+        )
     res["verdict"] = verdict(res)
     res["notes"] = NOTES + [n for s in res["scales"].values() for n in s.get("notes", [])]
     tp.write_results(res, markdown(res), args.json, args.markdown)
