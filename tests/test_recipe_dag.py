@@ -27,18 +27,22 @@ def float_tensors(path):
     return {k: v for k, v in load_file(str(path)).items() if v.is_floating_point()}
 
 
-def test_two_stage_weighted_dag_equals_float64_math(sd_models, tmp_path):
-    """'uniform of the baseline pool, then weighted into the extended models last'."""
-    paths = [str(p) for p in sd_models(["F16", "F16", "BF16", "F16", "F32"], keys=60)]
-    names = dict(zip(["a", "b", "c", "x", "y"], paths, strict=True))
-    recipe = write_recipe(tmp_path / "r.yaml", names, (
-        "  pool: {method: uniform, inputs: [a, b, c]}\n"
-        "  out: {method: weighted_sum, inputs: [pool, x, y], params: {weights: [0.5, 0.3, 0.2]}}\n"
-    ), "dtype: fp32\n")
+def run_dag(sd_models, tmp_path, models: dict[str, str], nodes: str, extra: str, keys: int):
+    """Make one checkpoint per entry of `models` (name -> dtype), run the recipe through the
+    CLI; return the output's float tensors and the inputs' state dicts (in `models` order)."""
+    paths = [str(p) for p in sd_models(list(models.values()), keys=keys)]
+    recipe = write_recipe(tmp_path / "r.yaml", dict(zip(models, paths, strict=True)), nodes, extra)
     out = tmp_path / "out.safetensors"
     assert main(["run", str(recipe), "-o", str(out), "-q"]) == 0
-    got = float_tensors(out)
-    ins = [load_file(p) for p in paths]
+    return float_tensors(out), [load_file(p) for p in paths]
+
+
+def test_two_stage_weighted_dag_equals_float64_math(sd_models, tmp_path):
+    """'uniform of the baseline pool, then weighted into the extended models last'."""
+    got, ins = run_dag(sd_models, tmp_path, {"a": "F16", "b": "F16", "c": "BF16", "x": "F16", "y": "F32"}, (
+        "  pool: {method: uniform, inputs: [a, b, c]}\n"
+        "  out: {method: weighted_sum, inputs: [pool, x, y], params: {weights: [0.5, 0.3, 0.2]}}\n"
+    ), "dtype: fp32\n", keys=60)
     checked = 0
     for key, value in got.items():
         x = [sd[key].to(torch.float64) for sd in ins]
@@ -51,17 +55,12 @@ def test_two_stage_weighted_dag_equals_float64_math(sd_models, tmp_path):
 
 def test_ties_on_a_node_base_equals_float64_reference(sd_models, tmp_path):
     """A node with statistic passes (TIES thresholds) whose base is another node."""
-    paths = [str(p) for p in sd_models(["F16"] * 5, keys=40)]
-    names = dict(zip(["a", "b", "x", "y", "z"], paths, strict=True))
-    recipe = write_recipe(tmp_path / "r.yaml", names, (
+    got, ins = run_dag(sd_models, tmp_path, dict.fromkeys(["a", "b", "x", "y", "z"], "F16"), (
         "  pool: {method: uniform, inputs: [a, b]}\n"
         "  ext: {method: ties, inputs: [x, y, z], base: pool, params: {density: 0.3}}\n"
-    ), "accumulate: fp64\ndtype: fp32\n")
-    out = tmp_path / "out.safetensors"
-    assert main(["run", str(recipe), "-o", str(out), "-q"]) == 0
-    ins = [load_file(p) for p in paths]
+    ), "accumulate: fp64\ndtype: fp32\n", keys=40)
     checked = 0
-    for key, value in float_tensors(out).items():
+    for key, value in got.items():
         x = [sd[key].to(torch.float64).reshape(-1) for sd in ins]
         base = (x[0] + x[1]) / 2
         deltas = []

@@ -161,9 +161,10 @@ class _Sides:
         d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)  # a NaN d is on neither side
         self.mix.add_(torch.clamp(d, min=0.0, out=self.term))
         self.neg.add_(torch.clamp(d, max=0.0, out=self.term))
-        if self.weights is not None:
-            self.weights[0].add_(torch.sign(d, out=self.term).clamp_(min=0.0), alpha=w)
-            self.weights[1].add_(torch.sign(d, out=self.term).clamp_(max=0.0), alpha=-w)
+        if self.weights is not None:  # one sign per element; d is spent, so it takes the negative part
+            sign = torch.sign(d, out=self.term)
+            self.weights[1].add_(torch.clamp(sign, max=0.0, out=d), alpha=-w)
+            self.weights[0].add_(sign.clamp_(min=0.0), alpha=w)
 
     def elect(self) -> None:
         """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1)."""
