@@ -229,10 +229,10 @@ class Selection:
         """The length of the chunk at `start` if it is one of the settling pass's chunks and
         this selection needs none of it (a caller may then skip the chunk without reading
         anything); None if it may need it or does not know the chunk."""
-        if self.done or self.window is None or self.grid is None or start not in self.grid:
+        if self.done or self.grid is None or start not in self.grid:
             return None
         n = self.grid[start]
-        return None if start < self.window[1] and self.window[0] < start + n else n
+        return None if self.wants(start, n) else n
 
     def _record_chunk(self, start: int, n: int, keys: torch.Tensor, *, final: bool) -> None:
         """Note how many keys of this chunk share the prefix and, if this pass settles the key
