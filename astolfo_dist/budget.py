@@ -92,6 +92,7 @@ class MemoryPlan:
     ray: int = 0  # a private Ray's daemons and worker processes
     object_store: int = 0
     writer_inflight: int = 256 * MIB  # all tasks together, with Ray's writer sink
+    tensor_cache: int = 0  # per worker, on the device (host memory, in per_worker, on the CPU)
 
     @property
     def total(self) -> int:
@@ -103,7 +104,8 @@ class MemoryPlan:
                 f"{self.workers} workers x {self.per_worker / MIB:.1f} MiB (chunk {self.chunk_elems} elements)"
                 + (f", Ray {self.ray / MIB:.0f} MiB + object store {self.object_store / MIB:.0f} MiB"
                    if self.ray else "")
-                + f", readahead {self.readahead / MIB:.1f} MiB per input")
+                + f", readahead {self.readahead / MIB:.1f} MiB per input"
+                + (f", tensor cache {self.tensor_cache / MIB:.0f} MiB per worker" if self.tensor_cache else ""))
 
 
 def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
@@ -140,6 +142,7 @@ def fit(
     cuda: bool = False,
     object_store: int | None = None,
     writer_inflight: int | None = None,
+    tensor_cache: int = 0,
 ) -> MemoryPlan:
     """The largest configuration (up to the requested workers and chunk) within the budget."""
     budget = default_budget() if budget is None else budget
@@ -149,8 +152,10 @@ def fit(
     store_floor = object_store or RAY_MIN_OBJECT_STORE
     n_files = max(1, len(plan.inputs))
 
+    host_cache = 0 if cuda else tensor_cache
+
     def cost(w: int, c: int) -> int:
-        worker = per_worker_bytes(plan, c, cuda)
+        worker = per_worker_bytes(plan, c, cuda) + host_cache
         extra = (RAY_DAEMONS + store_floor + w * RAY_WORKER_PROCESS) if private_ray else 0
         return process + w * worker + extra
 
@@ -167,7 +172,7 @@ def fit(
             f"--memory {budget / MIB:.0f} MiB is too small: the merge needs at least {math.ceil(need / MIB)} MiB "
             f"({what}; this process alone holds {process / MIB:.0f} MiB)"
         )
-    worker = per_worker_bytes(plan, chunk, cuda)
+    worker = per_worker_bytes(plan, chunk, cuda) + host_cache
     store = 0
     if private_ray:
         ray = RAY_DAEMONS + w * RAY_WORKER_PROCESS
@@ -177,7 +182,7 @@ def fit(
     # Chunks on their way to the writer live in the object store: half of it by default, so
     # that they rarely spill; more is allowed, and then spilling (to --spill-dir) takes the rest.
     inflight = writer_inflight or (store // 2 if store else 256 * MIB)
-    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight)
+    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight, tensor_cache)
 
 
 class BudgetError(UsageError):

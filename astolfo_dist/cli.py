@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--shard-mb", type=float, default=None, help="input MiB per shard (default: plan size / 64)")
     ex.add_argument("--workers", type=int, default=None, help="worker threads (default: CPU count)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ex.add_argument("--tensor-cache-mb", type=float, default=None,
+                   help="per worker: keep a tensor's inputs on the device between a method's statistic passes when "
+                        "they fit (default: half the free GPU memory with --device cuda, 0 on the CPU)")
     ex.add_argument("--executor", choices=EXECUTORS, default="local", help="threads in-process, or Ray tasks")
     ex.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://...); default a private local Ray")
     ex.add_argument("--sink", choices=SINKS, default="auto",
@@ -148,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory": args.memory,
             "object_store_mb": args.object_store_mb,
             "writer_inflight_mb": args.writer_inflight_mb,
+            "tensor_cache_mb": args.tensor_cache_mb,
         }
         if args.command == "run":
             from .recipe.files import load_recipe

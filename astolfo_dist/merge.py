@@ -98,6 +98,18 @@ class Inputs:
         self.readers.clear()
 
 
+def _tensor_cache_bytes(tensor_cache_mb: float | None, device: torch.device, workers: int) -> int:
+    """Per worker: the bytes of a tensor's inputs a multi-pass method may keep on the device
+    (worker.py). Default: on CUDA, half the device's free memory shared by the workers (it
+    costs no host memory); on the CPU none, since it would come out of the memory budget."""
+    if tensor_cache_mb is not None:
+        return int(tensor_cache_mb * (1 << 20))
+    if device.type != "cuda":
+        return 0
+    free, _total = torch.cuda.mem_get_info(device)
+    return free // 2 // workers
+
+
 def plan_merge(recipe: MergeRecipe, inputs: Inputs, shard_size: int | None = None) -> Plan:
     return build_plan(recipe, inputs.models, inputs.donors, inputs.headers, shard_size=shard_size)
 
@@ -172,6 +184,7 @@ def run_recipe(
     memory: int | str | None = None,
     object_store_mb: float | None = None,
     writer_inflight_mb: float | None = None,
+    tensor_cache_mb: float | None = None,
 ) -> MergeResult:
     """Run a recipe. `executor="ray"` runs the shards as Ray tasks (`address`: an existing
     cluster; default a private local Ray). `resume=True` reuses the shards a killed earlier
@@ -188,6 +201,8 @@ def run_recipe(
         raise UsageError("--shard-mb must be positive")
     if shard_size is not None and shard_size <= 0:
         raise UsageError("--shard-size must be positive")
+    if tensor_cache_mb is not None and tensor_cache_mb < 0:
+        raise UsageError("--tensor-cache-mb must not be negative")
     if executor not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if address and executor != "ray":
@@ -196,6 +211,7 @@ def run_recipe(
     if workers < 1:
         raise UsageError("--workers must be at least 1")
     dev = _device(device)
+    tensor_cache = _tensor_cache_bytes(tensor_cache_mb, dev, workers)
     out = Path(output)
     check_output(out, overwrite, shard_size is not None)
     started = time.perf_counter()
@@ -219,6 +235,7 @@ def run_recipe(
             cuda=dev.type == "cuda",
             object_store=int(object_store_mb * (1 << 20)) if object_store_mb else None,
             writer_inflight=int(writer_inflight_mb * (1 << 20)) if writer_inflight_mb else None,
+            tensor_cache=tensor_cache,
         )
         log.info("%s", mem.describe())
         layouts = [(o.name, o.header, o.size) for o in plan.outputs]
@@ -307,11 +324,12 @@ def _execute(
             on_progress(result.read_bytes)
 
         spec = TaskSpec(tuple(outputs.paths), None, mem.chunk_elems, str(device), mem.readahead, mem.writer_inflight,
-                        cache_dir)
+                        cache_dir, mem.tensor_cache)
         return run_ray(plan, shards, spec, workers=mem.workers, options=ray_options, on_done=finished_remote)
     sink = PartialWriter(outputs.paths)
     try:
-        ctx = WorkerContext(plan, readers, sink, mem.chunk_elems, device, threading.Event(), on_progress, mem.readahead)
+        ctx = WorkerContext(plan, readers, sink, mem.chunk_elems, device, threading.Event(), on_progress, mem.readahead,
+                            mem.tensor_cache)
         return run_local(ctx, shards, min(mem.workers, max(1, len(shards))), finished)
     finally:
         sink.close()

@@ -49,6 +49,7 @@ class WorkerContext:
     cancel: threading.Event
     on_progress: Callable[[int], None] | None = None
     readahead: int = 16 << 20  # bytes hinted ahead per input, from the memory budget
+    tensor_cache: int = 0  # bytes of one tensor's inputs a multi-pass method may keep on the device
 
 
 class HostBuffer:
@@ -239,6 +240,15 @@ class _TensorGraph:
         self.values = buffers.node_values(acc_dtype, len(self.calls))
         self.holds: list[tuple[int, int] | None] = [None] * len(self.calls)  # (start, n) in values[j]
         self.read_bytes = 0
+        # Statistic passes read every input again (TIES: three times in all). Where the
+        # tensor's inputs fit in the cache whole, the chunks read in the first pass are kept
+        # on the device, in their own dtype, until the tensor is done: each byte is read
+        # once. All or nothing: a partial cache would still re-read for every pass.
+        input_bytes = sum(tensor.numel * DTYPES[s.dtype].itemsize for s in tensor.sources)
+        multi_pass = any(m.tensor_passes for m in self.methods)
+        self.kept: dict[tuple[int, int, int], torch.Tensor] | None = (
+            {} if multi_pass and input_bytes <= ctx.tensor_cache else None
+        )
 
     def settle(self) -> None:
         """Run every node's statistic passes, inputs first (the graph is in evaluation order)."""
@@ -268,12 +278,14 @@ class _TensorGraph:
         if self.ctx.cancel.is_set():
             raise MergeCancelled("merge cancelled")
         if v < self.n_sources:
-            src = self.tensor.sources[v]
-            dt = DTYPES[src.dtype]
-            self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, self.host.bytes[: n * dt.itemsize])
-            self.read_bytes += n * dt.itemsize
             target = self.leaf[:n]
-            target.copy_(self.host.typed(dt, n))  # to the device and the accumulator dtype
+            if self.kept is None:
+                target.copy_(self._read(v, start, n))  # to the device and the accumulator dtype
+                return target
+            kept = self.kept.get((v, start, n))
+            if kept is None:
+                kept = self.kept[(v, start, n)] = self._read(v, start, n).to(target.device, copy=True)
+            target.copy_(kept)
             return target
         j = v - self.n_sources
         out = self.values[j][:n]
@@ -282,6 +294,14 @@ class _TensorGraph:
             self.methods[j].output(self.states[j], start, self._reader(j, start, n), out)
             self.holds[j] = (start, n)
         return out
+
+    def _read(self, v: int, start: int, n: int) -> torch.Tensor:
+        """Elements [start, start + n) of source v, in its own dtype, in the host buffer."""
+        src = self.tensor.sources[v]
+        dt = DTYPES[src.dtype]
+        self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, self.host.bytes[: n * dt.itemsize])
+        self.read_bytes += n * dt.itemsize
+        return self.host.typed(dt, n)
 
 
 def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:

@@ -488,10 +488,12 @@ def markdown(res: dict) -> str:
     cfg, m = res["config"], res["machine"]
     lines = [
         f"Merge methods, {res['date_utc']}: {MODELS} {LAYOUT} fp16 checkpoints per scale, --workers {cfg['workers']}"
+        f", --device {cfg.get('device', 'cpu')}"
         f"{', --memory ' + cfg['memory'] if cfg['memory'] else ', default --memory'}, warm page cache, best of "
         f"{cfg['repeats']} interleaved runs per method ({cfg['full_repeats']} at full size; median in brackets). "
         f"{m['cpu']}, {m['cores']} cores, "
-        f"{m['ram_gb']} GB RAM; torch {res['versions']['torch']}, Python {res['versions']['python']}; "
+        f"{m['ram_gb']} GB RAM{', ' + m['gpu'] if m.get('gpu') else ''}; "
+        f"torch {res['versions']['torch']}, Python {res['versions']['python']}; "
         f"engine {res['engine_source'].get('commit', '?')[:10]}"
         f"{' + uncommitted changes' if res['engine_source'].get('astolfo_dist_uncommitted_changes') else ''}.",
         "",
@@ -619,7 +621,12 @@ NOTES = [
 
 
 def settings(args: argparse.Namespace) -> dict:
-    return {"workers": args.workers, "memory": args.memory, "layout": LAYOUT, "models": MODELS}
+    return {"workers": args.workers, "memory": args.memory, "device": args.device, "layout": LAYOUT, "models": MODELS}
+
+
+def merge_options(args: argparse.Namespace) -> list[str]:
+    """The `astolfo-dist merge` options every run of this benchmark gets."""
+    return [*(["--memory", args.memory] if args.memory else []), "--device", args.device]
 
 
 def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
@@ -629,7 +636,8 @@ def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if {k: old.get("config", {}).get(k) for k in settings(args)} != settings(args):
+    old_settings = {"device": "cpu", **old.get("config", {})}  # runs before --device existed were on the CPU
+    if {k: old_settings.get(k) for k in settings(args)} != settings(args):
         raise SystemExit(
             f"{path} holds results made with other settings: pass --fresh to replace it, or another --json"
         )
@@ -662,7 +670,7 @@ def measure_scale(
 ) -> None:
     folder = Path(args.dir)
     output = folder / "merged.safetensors"
-    extra = ["--memory", args.memory] if args.memory else []
+    extra = merge_options(args)
     plan = plan_scale(res, methods, scale, startup["seconds"], args.budget_s)
     todo = [m for m in methods if plan[m] is None]
     log(f"scale 1/{scale}: running {', '.join(todo)}; not running: {[m for m in methods if plan[m]]}")
@@ -720,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workers", type=int, default=2, help="astolfo-dist merge --workers (default 2)")
     ap.add_argument("--memory", default="", help="astolfo-dist merge --memory (default: the engine's default)")
+    ap.add_argument("--device", default="cpu", help="astolfo-dist merge --device: cpu or cuda (default cpu)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method and scale, interleaved (default 2)")
     ap.add_argument("--full-repeats", type=int, default=1, help="runs per method at scale 1 (default 1)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip a run predicted to take longer (default 240)")
@@ -761,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             if not gen["read_only"] and gen["generated"]:
                 generated += paths
             specs = method_specs(paths)
-            extra = ["--memory", args.memory] if args.memory else []
+            extra = merge_options(args)
             profile = res.setdefault("profile", {"scale": args.profile, "methods": {}})
             if profile["scale"] != args.profile:
                 profile.update(scale=args.profile, methods={})
@@ -783,7 +792,11 @@ def main(argv: list[str] | None = None) -> int:
         res.update(
             {
                 "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "machine": {**tp.machine_info(Path(args.full_dir)), "loadavg_at_end": list(os.getloadavg())},
+                "machine": {
+                    **tp.machine_info(Path(args.full_dir)),
+                    "loadavg_at_end": list(os.getloadavg()),
+                    **({"gpu": torch.cuda.get_device_name()} if args.device.startswith("cuda") else {}),
+                },
                 "versions": tp.versions(),
                 "config": {
                     **settings(args),

@@ -1,10 +1,14 @@
-"""The CUDA reduction gives the CPU's bytes. Skipped where torch sees no CUDA device."""
+"""The CUDA path gives the CPU's bytes: the streaming weighted sum and every library method
+(statistic passes, exact selection, counter-based masks, exact sums). Skipped where torch
+sees no CUDA device; run on a GPU machine with `bash benchmarks/cuda_check.sh`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import sha256
+from safetensors.torch import load_file
+from test_engine_methods import CASES
 
 from astolfo_dist import merge
 
@@ -12,6 +16,17 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
 ]
+
+
+def _differences(a, b) -> str:
+    """Which keys differ between two outputs, and by how much: the message of a failed check."""
+    x, y = load_file(str(a)), load_file(str(b))
+    lines = []
+    for key in sorted(x):
+        if not torch.equal(x[key], y[key]):
+            d = (x[key].double() - y[key].double()).abs()
+            lines.append(f"{key}: {int((d > 0).sum())}/{d.numel()} elements differ, max {float(d.max()):.3g}")
+    return f"{len(lines)} of {len(x)} keys differ:\n" + "\n".join(lines[:12])
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 0.25, 0.125, 0.125, 1.0]])
@@ -22,4 +37,18 @@ def test_cuda_output_equals_cpu_output(sd_models, tmp_path, weights, dtype):
     gpu = tmp_path / "gpu.safetensors"
     merge(paths, cpu, weights=weights, dtype=dtype, device="cpu", chunk_mb=0.5)
     merge(paths, gpu, weights=weights, dtype=dtype, device="cuda", chunk_mb=0.25, workers=2)
-    assert sha256(cpu) == sha256(gpu)
+    assert sha256(cpu) == sha256(gpu), _differences(cpu, gpu)
+
+
+@pytest.mark.parametrize("name,params,uses_base,n", CASES, ids=[c[0] for c in CASES])
+def test_cuda_method_equals_cpu_method(sd_models, tmp_path, name, params, uses_base, n):
+    paths = [str(p) for p in sd_models(["F16", "BF16", "F32", "F16"][:n] + ["F16"] * max(0, n - 4), scale=16)]
+    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    cpu, gpu = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
+    merge(models, cpu, method=name, base=base, params=params, device="cpu")
+    # Whole tensors with the default tensor cache (inputs kept on the GPU between passes),
+    # then many chunks per tensor, read again on every pass.
+    for chunk_mb, workers, cache_mb in [(64, 2, None), (0.01, 1, 0)]:
+        merge(models, gpu, method=name, base=base, params=params, device="cuda", chunk_mb=chunk_mb, workers=workers,
+              tensor_cache_mb=cache_mb, overwrite=True)
+        assert sha256(cpu) == sha256(gpu), f"chunk_mb={chunk_mb}, tensor_cache_mb={cache_mb}: " + _differences(cpu, gpu)

@@ -99,3 +99,26 @@ def test_recipe_in_metadata_records_the_method(sd_models, tmp_path):
     with safe_open(str(out), "pt") as f:
         recipe = json.loads(f.metadata()["astolfo_dist_recipe"])
     assert recipe["method"] == "ties" and recipe["params"] == {"density": 0.4} and recipe["base"] == paths[2]
+
+
+@pytest.mark.parametrize("name,params,uses_base,n", CASES, ids=[c[0] for c in CASES])
+def test_tensor_cache_gives_the_same_bytes_and_reads_each_input_once(sd_models, tmp_path, name, params, uses_base, n):
+    """--tensor-cache-mb keeps a tensor's inputs between a method's passes: the same bytes,
+    whether every tensor fits, some do or none; with all of them kept, every input byte is
+    read once, as by a one-pass method over the same files."""
+    paths = [str(p) for p in sd_models(["F16", "BF16", "F32"][:n] + ["F16"] * max(0, n - 3), keys=60, scale=16)]
+    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    runs = {}
+    for cache_mb in (0, 0.05, 64):  # none, the small tensors, all
+        out = tmp_path / f"c{cache_mb}.safetensors"
+        result = merge(models, out, method=name, base=base, params=params, chunk_mb=0.004, workers=2,
+                       tensor_cache_mb=cache_mb)
+        runs[cache_mb] = (sha256(out), result.read_bytes)
+    once = merge(models, tmp_path / "once.safetensors", method="task_arithmetic" if uses_base else "weighted_sum",
+                 base=base).read_bytes
+    assert runs[0][0] == runs[0.05][0] == runs[64][0]
+    assert runs[64][1] == once
+    if build(name, params, base=n - 1 if uses_base else None).tensor_passes:  # one-pass methods read once anyway
+        assert runs[0][1] > runs[0.05][1] > runs[64][1]
+    else:
+        assert runs[0][1] == runs[64][1]

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psutil
@@ -157,6 +157,7 @@ class TaskSpec:
     readahead: int
     writer_inflight: int  # bytes one task may have on their way to the writer
     cache_dir: str | None = None  # local cache of remote byte ranges, on each node
+    tensor_cache: int = 0  # WorkerContext.tensor_cache
 
 
 # One plan per worker process, kept between tasks: a plan of 64 SDXL inputs takes ~0.7 s
@@ -185,7 +186,8 @@ def run_shard_task(boxed_plan: list, shard: Shard, spec: TaskSpec) -> ShardResul
     )
     try:
         dev = torch.device(spec.device)
-        ctx = WorkerContext(plan, readers, sink, spec.chunk_elems, dev, threading.Event(), readahead=spec.readahead)
+        ctx = WorkerContext(plan, readers, sink, spec.chunk_elems, dev, threading.Event(), readahead=spec.readahead,
+                            tensor_cache=spec.tensor_cache)
         result = run_shard(ctx, shard, ChunkBuffers(spec.chunk_elems, dev))
         if isinstance(sink, _ActorSink):
             sink.flush()  # the shard is done only once its bytes are written
@@ -456,7 +458,7 @@ def run_ray(
         max_in_flight = max(2, 2 * total_cpus)  # enough to keep every CPU busy, no more
         # The writer's bound is for all tasks together: each in-flight task gets its share.
         per_task = max(1 << 20, spec.writer_inflight // max_in_flight)
-        spec = TaskSpec(spec.paths, writer, spec.chunk_elems, spec.device, spec.readahead, per_task, spec.cache_dir)
+        spec = replace(spec, writer=writer, writer_inflight=per_task)
         task = ray.remote(run_shard_task)
         needs = {s.index: shard_files(plan, s) for s in shards}
         cost = {s.index: s.read_bytes for s in shards}

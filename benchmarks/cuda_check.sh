@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one call on a GPU machine (the device tool runs it from the repository
+# root; results land in $OUT). Uses that machine's python3, which has torch with CUDA,
+# safetensors, numpy, psutil and pytest; Ray is not needed.
+#   1. tests/test_cuda.py (-k $TESTS) and the CUDA case of tests/test_rng.py: the CUDA
+#      output's bytes equal the CPU's, for the weighted sum and every library method.
+#   2. benchmarks/methods.py with --device cuda at each scale of $SCALES (1 = full size:
+#      its 17 GB of inputs are generated first, and only $FULL_METHODS run there), then at
+#      $CPU_SCALE on the CPU (none if empty): time and peak RSS of each method against
+#      uniform on the same inputs.
+set -u -o pipefail
+OUT=${OUT:-/tmp/cuda_check}
+PY=${PY:-python3}
+TESTS=${TESTS:-cuda}
+SCALES=${SCALES:-2}
+METHODS=${METHODS:-uniform,ties,dare,geometric_median}
+FULL_METHODS=${FULL_METHODS:-uniform,ties,dare}
+CPU_SCALE=${CPU_SCALE:-2}
+CPU_WORKERS=${CPU_WORKERS:-8}
+GPU_WORKERS=${GPU_WORKERS:-2}
+RUN_TIMEOUT=${RUN_TIMEOUT:-90}
+WORK=${WORK:-/tmp/astolfo-methods}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c 'import torch, safetensors, numpy; print("torch", torch.__version__, "cuda", torch.version.cuda,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "safetensors", safetensors.__version__,
+  "numpy", numpy.__version__)'
+timeout 180 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=150 -q -rfE -m cuda -k "$TESTS" \
+  tests/test_cuda.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log" | tail -40
+bench() {  # device workers scale methods
+  timeout $((RUN_TIMEOUT * 5 + 60)) $PY benchmarks/methods.py --device "$1" --workers "$2" --scales "$3" \
+    --methods "$4" --repeats 1 --fresh --keep --dir "$WORK" --full-dir "$WORK" --budget-s 1e9 \
+    --timeout-s "$RUN_TIMEOUT" --json "$OUT/methods-$1-s$3.json" --markdown "$OUT/methods-$1-s$3.md" 2>&1 | tail -3
+  sed -n '1p;4,11p' "$OUT/methods-$1-s$3.md" 2>/dev/null
+}
+for scale in $SCALES; do
+  if [ "$scale" = 1 ]; then
+    rm -rf "$WORK"  # the smaller scale's inputs: room for the full-size ones
+    $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import throughput as tp; from pathlib import Path
+tp.ensure_inputs(tp.input_paths(Path('$WORK'), 8, 'sd15', 1), 'sd15', 1)"
+  fi
+  if [ "$scale" = 1 ]; then bench cuda "$GPU_WORKERS" 1 "$FULL_METHODS"; else bench cuda "$GPU_WORKERS" "$scale" "$METHODS"; fi
+done
+if [ -n "$CPU_SCALE" ]; then bench cpu "$CPU_WORKERS" "$CPU_SCALE" "$METHODS"; fi
+rm -rf "$WORK"
