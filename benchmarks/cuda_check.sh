@@ -18,6 +18,7 @@ FULL_METHODS=${FULL_METHODS:-uniform,ties,dare}
 CPU_SCALE=${CPU_SCALE-2}  # set it empty for no CPU run
 CPU_WORKERS=${CPU_WORKERS:-8}
 GPU_WORKERS=${GPU_WORKERS:-2}
+GPU_CHUNK_MB=${GPU_CHUNK_MB:-}  # more --chunk-mb values to run CUDA with, after the default (2 MiB, tuned for CPU)
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 WORK=${WORK:-/tmp/astolfo-methods}
 mkdir -p "$OUT"
@@ -28,11 +29,13 @@ $PY -c 'import torch, safetensors, numpy; print("torch", torch.__version__, "cud
   "numpy", numpy.__version__)'
 timeout 180 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=150 -q -rfE -m cuda -k "$TESTS" \
   tests/test_cuda.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log" | tail -40
-bench() {  # device workers scale methods
+bench() {  # device workers scale methods [chunk MiB]
+  local name="methods-$1-s$3${5:+-c$5}" chunk=()
+  [ -n "${5:-}" ] && chunk=(--chunk-mb "$5")
   timeout $((RUN_TIMEOUT * 5 + 60)) $PY benchmarks/methods.py --device "$1" --workers "$2" --scales "$3" \
-    --methods "$4" --repeats 1 --fresh --keep --dir "$WORK" --full-dir "$WORK" --budget-s 1e9 \
-    --timeout-s "$RUN_TIMEOUT" --json "$OUT/methods-$1-s$3.json" --markdown "$OUT/methods-$1-s$3.md" 2>&1 | tail -3
-  sed -n '1p;4,11p' "$OUT/methods-$1-s$3.md" 2>/dev/null
+    --methods "$4" "${chunk[@]}" --repeats 1 --fresh --keep --dir "$WORK" --full-dir "$WORK" --budget-s 1e9 \
+    --timeout-s "$RUN_TIMEOUT" --json "$OUT/$name.json" --markdown "$OUT/$name.md" 2>&1 | tail -3
+  sed -n '1p;4,11p' "$OUT/$name.md" 2>/dev/null
 }
 for scale in $SCALES; do
   if [ "$scale" = 1 ]; then
@@ -40,7 +43,9 @@ for scale in $SCALES; do
     $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import throughput as tp; from pathlib import Path
 tp.ensure_inputs(tp.input_paths(Path('$WORK'), 8, 'sd15', 1), 'sd15', 1)"
   fi
-  if [ "$scale" = 1 ]; then bench cuda "$GPU_WORKERS" 1 "$FULL_METHODS"; else bench cuda "$GPU_WORKERS" "$scale" "$METHODS"; fi
+  if [ "$scale" = 1 ]; then methods=$FULL_METHODS; else methods=$METHODS; fi
+  bench cuda "$GPU_WORKERS" "$scale" "$methods"
+  for chunk in $GPU_CHUNK_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" "$chunk"; done
 done
 if [ -n "$CPU_SCALE" ]; then bench cpu "$CPU_WORKERS" "$CPU_SCALE" "$METHODS"; fi
 rm -rf "$WORK"

@@ -489,6 +489,7 @@ def markdown(res: dict) -> str:
     lines = [
         f"Merge methods, {res['date_utc']}: {MODELS} {LAYOUT} fp16 checkpoints per scale, --workers {cfg['workers']}"
         f", --device {cfg.get('device', 'cpu')}"
+        f"{', --chunk-mb ' + format(cfg['chunk_mb'], 'g') if cfg.get('chunk_mb') else ''}"
         f"{', --memory ' + cfg['memory'] if cfg['memory'] else ', default --memory'}, warm page cache, best of "
         f"{cfg['repeats']} interleaved runs per method ({cfg['full_repeats']} at full size; median in brackets). "
         f"{m['cpu']}, {m['cores']} cores, "
@@ -621,12 +622,18 @@ NOTES = [
 
 
 def settings(args: argparse.Namespace) -> dict:
-    return {"workers": args.workers, "memory": args.memory, "device": args.device, "layout": LAYOUT, "models": MODELS}
+    return {"workers": args.workers, "memory": args.memory, "device": args.device, "chunk_mb": args.chunk_mb,
+            "layout": LAYOUT, "models": MODELS}
 
 
 def merge_options(args: argparse.Namespace) -> list[str]:
     """The `astolfo-dist merge` options every run of this benchmark gets."""
-    return [*(["--memory", args.memory] if args.memory else []), "--device", args.device]
+    return [
+        *(["--memory", args.memory] if args.memory else []),
+        *(["--chunk-mb", str(args.chunk_mb)] if args.chunk_mb else []),
+        "--device",
+        args.device,
+    ]
 
 
 def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
@@ -636,7 +643,7 @@ def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    old_settings = {"device": "cpu", **old.get("config", {})}  # runs before --device existed were on the CPU
+    old_settings = {"device": "cpu", "chunk_mb": None, **old.get("config", {})}  # the defaults before these existed
     if {k: old_settings.get(k) for k in settings(args)} != settings(args):
         raise SystemExit(
             f"{path} holds results made with other settings: pass --fresh to replace it, or another --json"
@@ -729,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="astolfo-dist merge --workers (default 2)")
     ap.add_argument("--memory", default="", help="astolfo-dist merge --memory (default: the engine's default)")
     ap.add_argument("--device", default="cpu", help="astolfo-dist merge --device: cpu or cuda (default cpu)")
+    ap.add_argument("--chunk-mb", type=float, help="astolfo-dist merge --chunk-mb (default: the engine's default)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method and scale, interleaved (default 2)")
     ap.add_argument("--full-repeats", type=int, default=1, help="runs per method at scale 1 (default 1)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip a run predicted to take longer (default 240)")

@@ -86,6 +86,18 @@ def test_cluster_merge_equals_local(cluster, inputs, local_reference, tmp_path, 
         ray.shutdown()
 
 
+def test_cluster_method_with_tensor_cache_equals_local(cluster, inputs, tmp_path):
+    """A multi-pass method on the cluster, its tasks keeping each tensor's inputs between
+    passes (--tensor-cache-mb reaches them): the local bytes, every input byte read once."""
+    args = dict(method="ties", base=inputs[-1], params={"density": 0.3}, shard_mb=0.25)
+    local, remote = tmp_path / "local.safetensors", tmp_path / "remote.safetensors"
+    merged_locally = merge(inputs[:-1], local, **args)
+    merged = merge(inputs[:-1], remote, executor="ray", address=cluster.address, tensor_cache_mb=64, **args)
+    assert sha256(remote) == sha256(local)
+    once = merge(inputs[:-1], tmp_path / "once.safetensors", method="task_arithmetic", base=inputs[-1]).read_bytes
+    assert merged.read_bytes == once < merged_locally.read_bytes
+
+
 @pytest.mark.parametrize("sink", ["direct", "writer"])
 def test_cluster_sharded_output_equals_local(cluster, inputs, tmp_path, sink):
     local = tmp_path / "local"
