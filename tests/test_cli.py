@@ -143,6 +143,8 @@ def test_strict_keys_names_the_input_and_a_missing_key(tmp_path, capsys):
         (["--drop", "("], "not a valid regular expression"),
         (["--replace", "nothing-here"], "PREFIX=MODEL"),
         (["--weights", "1,-1"], "sum to zero"),
+        (["--tensor-cache-mb", "-1"], "--tensor-cache-mb must not be negative"),
+        (["-q", "--memory", "700MB", "--tensor-cache-mb", "4096"], "the merge needs at least"),  # RAM on the CPU
     ],
 )
 def test_bad_options_exit_2(good, tmp_path, capsys, args, needle):
