@@ -21,7 +21,7 @@ import psutil
 
 from .errors import UsageError
 from .formats.dtypes import DTYPES
-from .plan import Plan
+from .plan import NodeCall, Plan
 
 MIB = 1 << 20
 MIN_CHUNK_ELEMS = 64 << 10
@@ -92,7 +92,11 @@ class MemoryPlan:
     ray: int = 0  # a private Ray's daemons and worker processes
     object_store: int = 0
     writer_inflight: int = 256 * MIB  # all tasks together, with Ray's writer sink
-    tensor_cache: int = 0  # per worker, on the device (host memory, in per_worker, on the CPU)
+    cache_on_device: bool = False
+    # Per worker: bytes of a tensor's inputs kept between a method's passes (worker.py). On
+    # the CPU they are host memory, included in per_worker; None: the CUDA default, taken
+    # where the workers run (default_tensor_cache).
+    tensor_cache: int | None = 0
 
     @property
     def total(self) -> int:
@@ -105,7 +109,15 @@ class MemoryPlan:
                 + (f", Ray {self.ray / MIB:.0f} MiB + object store {self.object_store / MIB:.0f} MiB"
                    if self.ray else "")
                 + f", readahead {self.readahead / MIB:.1f} MiB per input"
-                + (f", tensor cache {self.tensor_cache / MIB:.0f} MiB per worker" if self.tensor_cache else ""))
+                + self._describe_cache())
+
+    def _describe_cache(self) -> str:
+        if self.tensor_cache is None:
+            return ", tensor cache: half the free GPU memory, shared by the workers"
+        if not self.tensor_cache:
+            return ""
+        where = "on the device" if self.cache_on_device else "included above"
+        return f", tensor cache {self.tensor_cache / MIB:.0f} MiB per worker ({where})"
 
 
 def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
@@ -116,6 +128,36 @@ def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
     host = chunk_elems * (in_size * (2 if cuda else 1) + out_size)
     device = 0 if cuda else chunk_elems * acc_size * (2 + graph_chunks(plan))
     return host + device + WORKER_SLACK
+
+
+def cacheable_bytes(plan: Plan) -> int:
+    """The most a worker's tensor cache can hold: the input bytes of the largest tensor
+    computed by a method with statistic passes (worker.py keeps nothing for the others)."""
+    from .recipe.library import build
+
+    multi_pass: dict[str, bool] = {}  # per distinct node call: a plan repeats few of them
+
+    def has_passes(call: NodeCall) -> bool:
+        key = repr((call.method, call.params, call.base))
+        if key not in multi_pass:
+            multi_pass[key] = build(call.method, dict(call.params), base=call.base).tensor_passes > 0
+        return multi_pass[key]
+
+    sizes = [sum(t.numel * DTYPES[s.dtype].itemsize for s in t.sources)
+             for t in plan.tensors if t.graph and any(has_passes(c) for c in t.graph)]
+    return max(sizes, default=0)
+
+
+def default_tensor_cache(device: object, sharers: int) -> int:
+    """The tensor cache of one worker when --tensor-cache-mb is not given: on CUDA, half the
+    device's free memory shared by `sharers` workers (it costs no host memory); on the CPU
+    none, since it would come out of the memory budget for little (README)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 0
+    free, _total = torch.cuda.mem_get_info(device)
+    return free // 2 // max(1, sharers)
 
 
 def graph_chunks(plan: Plan) -> int:
@@ -142,7 +184,7 @@ def fit(
     cuda: bool = False,
     object_store: int | None = None,
     writer_inflight: int | None = None,
-    tensor_cache: int = 0,
+    tensor_cache: int | None = None,
 ) -> MemoryPlan:
     """The largest configuration (up to the requested workers and chunk) within the budget."""
     budget = default_budget() if budget is None else budget
@@ -152,7 +194,10 @@ def fit(
     store_floor = object_store or RAY_MIN_OBJECT_STORE
     n_files = max(1, len(plan.inputs))
 
-    host_cache = 0 if cuda else tensor_cache
+    if tensor_cache is None and not cuda:
+        tensor_cache = 0  # the default on the CPU
+    # On the CPU the cache is host memory: charge what it can hold at most, not what was offered.
+    host_cache = 0 if cuda or not tensor_cache else min(tensor_cache, cacheable_bytes(plan))
 
     def cost(w: int, c: int) -> int:
         worker = per_worker_bytes(plan, c, cuda) + host_cache
@@ -182,7 +227,7 @@ def fit(
     # Chunks on their way to the writer live in the object store: half of it by default, so
     # that they rarely spill; more is allowed, and then spilling (to --spill-dir) takes the rest.
     inflight = writer_inflight or (store // 2 if store else 256 * MIB)
-    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight, tensor_cache)
+    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight, cuda, tensor_cache)
 
 
 class BudgetError(UsageError):

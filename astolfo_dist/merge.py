@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .budget import MemoryPlan, fit, parse_size
+from .budget import MemoryPlan, default_tensor_cache, fit, parse_size
 from .errors import MergeCancelled, UsageError
 from .executors.local import run_local
 from .executors.ray import RayOptions
@@ -60,11 +60,16 @@ def _parse_replace(replace: Sequence[str] | Sequence[tuple[str, str]]) -> tuple[
 
 
 def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available to torch")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu or cuda[:N], not {name!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, not {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -96,18 +101,6 @@ class Inputs:
         for reader in self.readers.values():
             reader.close()
         self.readers.clear()
-
-
-def _tensor_cache_bytes(tensor_cache_mb: float | None, device: torch.device, workers: int) -> int:
-    """Per worker: the bytes of a tensor's inputs a multi-pass method may keep on the device
-    (worker.py). Default: on CUDA, half the device's free memory shared by the workers (it
-    costs no host memory); on the CPU none, since it would come out of the memory budget."""
-    if tensor_cache_mb is not None:
-        return int(tensor_cache_mb * (1 << 20))
-    if device.type != "cuda":
-        return 0
-    free, _total = torch.cuda.mem_get_info(device)
-    return free // 2 // workers
 
 
 def plan_merge(recipe: MergeRecipe, inputs: Inputs, shard_size: int | None = None) -> Plan:
@@ -211,7 +204,6 @@ def run_recipe(
     if workers < 1:
         raise UsageError("--workers must be at least 1")
     dev = _device(device)
-    tensor_cache = _tensor_cache_bytes(tensor_cache_mb, dev, workers)
     out = Path(output)
     check_output(out, overwrite, shard_size is not None)
     started = time.perf_counter()
@@ -235,7 +227,7 @@ def run_recipe(
             cuda=dev.type == "cuda",
             object_store=int(object_store_mb * (1 << 20)) if object_store_mb else None,
             writer_inflight=int(writer_inflight_mb * (1 << 20)) if writer_inflight_mb else None,
-            tensor_cache=tensor_cache,
+            tensor_cache=None if tensor_cache_mb is None else int(tensor_cache_mb * (1 << 20)),
         )
         log.info("%s", mem.describe())
         layouts = [(o.name, o.header, o.size) for o in plan.outputs]
@@ -328,8 +320,9 @@ def _execute(
         return run_ray(plan, shards, spec, workers=mem.workers, options=ray_options, on_done=finished_remote)
     sink = PartialWriter(outputs.paths)
     try:
+        cache = mem.tensor_cache if mem.tensor_cache is not None else default_tensor_cache(device, mem.workers)
         ctx = WorkerContext(plan, readers, sink, mem.chunk_elems, device, threading.Event(), on_progress, mem.readahead,
-                            mem.tensor_cache)
+                            cache)
         return run_local(ctx, shards, min(mem.workers, max(1, len(shards))), finished)
     finally:
         sink.close()

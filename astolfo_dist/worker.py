@@ -219,10 +219,11 @@ class _TensorGraph:
     chunk when a reader asks for them, fused, never a whole intermediate tensor.
 
     Values are the tensor's sources, then the nodes' outputs. A source's chunk is re-read
-    into the one leaf scratch on every request; a node's chunk is computed into that node's
-    own chunk buffer and kept there until another chunk of it is asked for, so a reader
-    that takes the same input twice (a two-sweep method, a node read by two others) does
-    not recompute it. That relies on methods never writing into what `read` returns.
+    into the one leaf scratch on every request (or copied there from the tensor cache, see
+    __init__); a node's chunk is computed into that node's own chunk buffer and kept there
+    until another chunk of it is asked for, so a reader that takes the same input twice (a
+    two-sweep method, a node read by two others) does not recompute it. That relies on
+    methods never writing into what `read` returns.
     """
 
     def __init__(self, ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers) -> None:

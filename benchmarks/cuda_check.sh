@@ -19,6 +19,7 @@ CPU_SCALE=${CPU_SCALE-2}  # set it empty for no CPU run
 CPU_WORKERS=${CPU_WORKERS:-8}
 GPU_WORKERS=${GPU_WORKERS:-2}
 GPU_CHUNK_MB=${GPU_CHUNK_MB:-}  # more --chunk-mb values to run CUDA with, after the default (2 MiB, tuned for CPU)
+GPU_CACHE_MB=${GPU_CACHE_MB:-}  # more --tensor-cache-mb values to run CUDA with (0: the cache off), after the default
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 WORK=${WORK:-/tmp/astolfo-methods}
 mkdir -p "$OUT"
@@ -27,13 +28,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c 'import torch, safetensors, numpy; print("torch", torch.__version__, "cuda", torch.version.cuda,
   torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "safetensors", safetensors.__version__,
   "numpy", numpy.__version__)'
-timeout 180 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=150 -q -rfE -m cuda -k "$TESTS" \
+timeout 300 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=200 -q -rfE -m cuda -k "$TESTS" \
   tests/test_cuda.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log" | tail -40
-bench() {  # device workers scale methods [chunk MiB]
-  local name="methods-$1-s$3${5:+-c$5}" chunk=()
-  [ -n "${5:-}" ] && chunk=(--chunk-mb "$5")
+status=${PIPESTATUS[0]}
+[ "$status" = 0 ] || echo "CUDA TESTS FAILED: pytest exited $status (see $OUT/pytest.log)"
+bench() {  # device workers scale methods [an extra merge option, its value, and a name for it]
+  local name="methods-$1-s$3${7:+-$7}" extra=()
+  [ -n "${5:-}" ] && extra=("$5" "$6")
   timeout $((RUN_TIMEOUT * 5 + 60)) $PY benchmarks/methods.py --device "$1" --workers "$2" --scales "$3" \
-    --methods "$4" "${chunk[@]}" --repeats 1 --fresh --keep --dir "$WORK" --full-dir "$WORK" --budget-s 1e9 \
+    --methods "$4" ${extra[@]+"${extra[@]}"} --repeats 1 --fresh --keep --dir "$WORK" --full-dir "$WORK" --budget-s 1e9 \
     --timeout-s "$RUN_TIMEOUT" --json "$OUT/$name.json" --markdown "$OUT/$name.md" 2>&1 | tail -3
   sed -n '1p;4,11p' "$OUT/$name.md" 2>/dev/null
 }
@@ -45,7 +48,8 @@ tp.ensure_inputs(tp.input_paths(Path('$WORK'), 8, 'sd15', 1), 'sd15', 1)"
   fi
   if [ "$scale" = 1 ]; then methods=$FULL_METHODS; else methods=$METHODS; fi
   bench cuda "$GPU_WORKERS" "$scale" "$methods"
-  for chunk in $GPU_CHUNK_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" "$chunk"; done
+  for mb in $GPU_CHUNK_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" --chunk-mb "$mb" "c$mb"; done
+  for mb in $GPU_CACHE_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" --tensor-cache-mb "$mb" "cache$mb"; done
 done
 if [ -n "$CPU_SCALE" ]; then bench cpu "$CPU_WORKERS" "$CPU_SCALE" "$METHODS"; fi
 rm -rf "$WORK"

@@ -484,12 +484,18 @@ def verdict(res: dict) -> dict:
     return out
 
 
+def optional_settings(cfg: dict) -> str:
+    """The merge options a run set beyond the defaults, as text for the table's heading."""
+    parts = [f", --{name.replace('_', '-')} {cfg[name]:g}" for name in ("chunk_mb", "tensor_cache_mb")
+             if cfg.get(name) is not None]
+    return "".join(parts)
+
+
 def markdown(res: dict) -> str:
     cfg, m = res["config"], res["machine"]
     lines = [
         f"Merge methods, {res['date_utc']}: {MODELS} {LAYOUT} fp16 checkpoints per scale, --workers {cfg['workers']}"
-        f", --device {cfg.get('device', 'cpu')}"
-        f"{', --chunk-mb ' + format(cfg['chunk_mb'], 'g') if cfg.get('chunk_mb') else ''}"
+        f", --device {cfg.get('device', 'cpu')}{optional_settings(cfg)}"
         f"{', --memory ' + cfg['memory'] if cfg['memory'] else ', default --memory'}, warm page cache, best of "
         f"{cfg['repeats']} interleaved runs per method ({cfg['full_repeats']} at full size; median in brackets). "
         f"{m['cpu']}, {m['cores']} cores, "
@@ -623,7 +629,7 @@ NOTES = [
 
 def settings(args: argparse.Namespace) -> dict:
     return {"workers": args.workers, "memory": args.memory, "device": args.device, "chunk_mb": args.chunk_mb,
-            "layout": LAYOUT, "models": MODELS}
+            "tensor_cache_mb": args.tensor_cache_mb, "layout": LAYOUT, "models": MODELS}
 
 
 def merge_options(args: argparse.Namespace) -> list[str]:
@@ -631,6 +637,7 @@ def merge_options(args: argparse.Namespace) -> list[str]:
     return [
         *(["--memory", args.memory] if args.memory else []),
         *(["--chunk-mb", str(args.chunk_mb)] if args.chunk_mb else []),
+        *(["--tensor-cache-mb", str(args.tensor_cache_mb)] if args.tensor_cache_mb is not None else []),
         "--device",
         args.device,
     ]
@@ -643,7 +650,8 @@ def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    old_settings = {"device": "cpu", "chunk_mb": None, **old.get("config", {})}  # the defaults before these existed
+    # The defaults of the settings added later, for results made before they existed.
+    old_settings = {"device": "cpu", "chunk_mb": None, "tensor_cache_mb": None, **old.get("config", {})}
     if {k: old_settings.get(k) for k in settings(args)} != settings(args):
         raise SystemExit(
             f"{path} holds results made with other settings: pass --fresh to replace it, or another --json"
@@ -737,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", default="", help="astolfo-dist merge --memory (default: the engine's default)")
     ap.add_argument("--device", default="cpu", help="astolfo-dist merge --device: cpu or cuda (default cpu)")
     ap.add_argument("--chunk-mb", type=float, help="astolfo-dist merge --chunk-mb (default: the engine's default)")
+    ap.add_argument("--tensor-cache-mb", type=float, help="astolfo-dist merge --tensor-cache-mb (default: engine's)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method and scale, interleaved (default 2)")
     ap.add_argument("--full-repeats", type=int, default=1, help="runs per method at scale 1 (default 1)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip a run predicted to take longer (default 240)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from astolfo_dist import merge
 from astolfo_dist.synthetic import make_state_dict, write_checkpoint
 
 # A slice of the SD1.5 layout (text encoder, UNet and VAE keys, position_ids included),
@@ -30,6 +31,17 @@ def make_models(folder: Path, dtypes: list[str], *, scale: int = SMALL_SCALE, ke
         sd = make_state_dict("sd15", scale=scale, seed=seed0 + i, float_dtype=dt, keys=keys)
         paths.append(write_checkpoint(folder / f"m{i}-{dt.lower()}.safetensors", sd))
     return paths
+
+
+def split_base(paths: list, uses_base: bool) -> tuple[list, object | None]:
+    """(models, base): the last path is the base of a task-vector method."""
+    return (paths[:-1], paths[-1]) if uses_base else (paths, None)
+
+
+def one_pass_read_bytes(models: list, base: object | None, out: Path) -> int:
+    """What a method without statistic passes reads from these inputs: each byte once."""
+    method = "task_arithmetic" if base is not None else "weighted_sum"
+    return merge([str(m) for m in models], out, method=method, base=None if base is None else str(base)).read_bytes
 
 
 def reference(paths: list[Path], weights: list[float] | None = None) -> dict[str, torch.Tensor]:

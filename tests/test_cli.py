@@ -144,7 +144,7 @@ def test_strict_keys_names_the_input_and_a_missing_key(tmp_path, capsys):
         (["--replace", "nothing-here"], "PREFIX=MODEL"),
         (["--weights", "1,-1"], "sum to zero"),
         (["--tensor-cache-mb", "-1"], "--tensor-cache-mb must not be negative"),
-        (["-q", "--memory", "700MB", "--tensor-cache-mb", "4096"], "the merge needs at least"),  # RAM on the CPU
+        (["--device", "cuda:x"], "--device must be cpu or cuda"),
     ],
 )
 def test_bad_options_exit_2(good, tmp_path, capsys, args, needle):

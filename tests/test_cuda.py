@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sha256
+from conftest import one_pass_read_bytes, sha256, split_base
 from safetensors.torch import load_file
 from test_engine_methods import CASES
 
@@ -21,8 +21,8 @@ pytestmark = [
 def _differences(a, b) -> str:
     """Which keys differ between two outputs, and by how much: the message of a failed check."""
     x, y = load_file(str(a)), load_file(str(b))
-    lines = []
-    for key in sorted(x):
+    lines = [f"{key}: only in one output" for key in sorted(set(x) ^ set(y))]
+    for key in sorted(set(x) & set(y)):
         if not torch.equal(x[key], y[key]):
             d = (x[key].double() - y[key].double()).abs()
             lines.append(f"{key}: {int((d > 0).sum())}/{d.numel()} elements differ, max {float(d.max()):.3g}")
@@ -43,12 +43,15 @@ def test_cuda_output_equals_cpu_output(sd_models, tmp_path, weights, dtype):
 @pytest.mark.parametrize("name,params,uses_base,n", CASES, ids=[c[0] for c in CASES])
 def test_cuda_method_equals_cpu_method(sd_models, tmp_path, name, params, uses_base, n):
     paths = [str(p) for p in sd_models(["F16", "BF16", "F32", "F16"][:n] + ["F16"] * max(0, n - 4), scale=16)]
-    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    models, base = split_base(paths, uses_base)
     cpu, gpu = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
     merge(models, cpu, method=name, base=base, params=params, device="cpu")
-    # Whole tensors with the default tensor cache (inputs kept on the GPU between passes),
-    # then many chunks per tensor, read again on every pass.
-    for chunk_mb, workers, cache_mb in [(64, 2, None), (0.01, 1, 0)]:
-        merge(models, gpu, method=name, base=base, params=params, device="cuda", chunk_mb=chunk_mb, workers=workers,
-              tensor_cache_mb=cache_mb, overwrite=True)
+    once = one_pass_read_bytes(models, base, tmp_path / "once.safetensors")
+    # Whole tensors, then many chunks per tensor, with the default tensor cache (inputs kept
+    # on the GPU between passes: each byte read once), then many chunks read on every pass.
+    for chunk_mb, workers, cache_mb in [(64, 2, None), (0.01, 2, None), (0.01, 1, 0)]:
+        result = merge(models, gpu, method=name, base=base, params=params, device="cuda", chunk_mb=chunk_mb,
+                       workers=workers, tensor_cache_mb=cache_mb, overwrite=True)
         assert sha256(cpu) == sha256(gpu), f"chunk_mb={chunk_mb}, tensor_cache_mb={cache_mb}: " + _differences(cpu, gpu)
+        if cache_mb is None:
+            assert result.read_bytes == once

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sha256
+from conftest import one_pass_read_bytes, sha256, split_base
 from safetensors.torch import load_file
 
 from astolfo_dist import merge
@@ -45,7 +45,7 @@ def _library_whole_tensor(name, params, paths, base, key, acc_dtype, out_dtype):
 @pytest.mark.parametrize("name,params,uses_base,n", CASES, ids=[c[0] for c in CASES])
 def test_engine_method_equals_library_and_is_chunk_invariant(sd_models, tmp_path, name, params, uses_base, n):
     paths = sd_models(["F16"] * n, keys=60, scale=16)
-    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    models, base = split_base(paths, uses_base)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     merge([str(p) for p in models], a, method=name, base=str(base) if base else None, params=params)
     merge([str(p) for p in models], b, method=name, base=str(base) if base else None, params=params,
@@ -107,15 +107,14 @@ def test_tensor_cache_gives_the_same_bytes_and_reads_each_input_once(sd_models, 
     whether every tensor fits, some do or none; with all of them kept, every input byte is
     read once, as by a one-pass method over the same files."""
     paths = [str(p) for p in sd_models(["F16", "BF16", "F32"][:n] + ["F16"] * max(0, n - 3), keys=60, scale=16)]
-    models, base = (paths[:-1], paths[-1]) if uses_base else (paths, None)
+    models, base = split_base(paths, uses_base)
     runs = {}
     for cache_mb in (0, 0.05, 64):  # none, the small tensors, all
         out = tmp_path / f"c{cache_mb}.safetensors"
         result = merge(models, out, method=name, base=base, params=params, chunk_mb=0.004, workers=2,
                        tensor_cache_mb=cache_mb)
         runs[cache_mb] = (sha256(out), result.read_bytes)
-    once = merge(models, tmp_path / "once.safetensors", method="task_arithmetic" if uses_base else "weighted_sum",
-                 base=base).read_bytes
+    once = one_pass_read_bytes(models, base, tmp_path / "once.safetensors")
     assert runs[0][0] == runs[0.05][0] == runs[64][0]
     assert runs[64][1] == once
     if build(name, params, base=n - 1 if uses_base else None).tensor_passes:  # one-pass methods read once anyway

@@ -52,6 +52,24 @@ def test_budget_shrinks_workers_then_chunk_and_refuses_below_the_minimum(sd_mode
         fit(plan, 600 * MIB, workers=2, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=True)
 
 
+def test_tensor_cache_is_charged_on_the_cpu_up_to_what_it_can_hold(sd_models):
+    """--tensor-cache-mb is host memory on the CPU: charged per worker, but no more than the
+    inputs of the largest multi-pass tensor, and nothing where no method has passes; on
+    CUDA it is device memory and not charged."""
+    paths = [str(p) for p in sd_models(["F16", "F32", "F16"], keys=50)]
+    ties = plan_for(MergeRecipe(models=tuple(paths[:-1]), base=paths[-1], method_name="ties"))
+    plain = _plan(paths)
+    largest = max(sum(t.numel * (4 if s.dtype == "F32" else 2) for s in t.sources) for t in ties.tensors if t.graph)
+    kw = dict(workers=2, chunk_elems=None, default_chunk_elems=512 << 10, private_ray=False)
+    base = fit(ties, 64 << 30, **kw)
+    assert fit(ties, 64 << 30, tensor_cache=1000, **kw).per_worker == base.per_worker + 1000
+    assert fit(ties, 64 << 30, tensor_cache=4 << 30, **kw).per_worker == base.per_worker + largest
+    assert fit(plain, 64 << 30, tensor_cache=4 << 30, **kw).per_worker == fit(plain, 64 << 30, **kw).per_worker
+    on_gpu = fit(ties, 64 << 30, tensor_cache=4 << 30, cuda=True, **kw)
+    assert on_gpu.per_worker == fit(ties, 64 << 30, cuda=True, **kw).per_worker and on_gpu.tensor_cache == 4 << 30
+    assert fit(ties, 64 << 30, **kw).tensor_cache == 0 and fit(ties, 64 << 30, cuda=True, **kw).tensor_cache is None
+
+
 def test_too_small_budget_exits_2_with_the_minimum(sd_models, tmp_path, capsys):
     paths = sd_models(["F16", "F16"], keys=50)
     out = tmp_path / "o.safetensors"

@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 import torch
 
+from ..budget import default_tensor_cache
 from ..errors import AstolfoError, InputError, UsageError
 from ..formats.readers import RangeReader, open_reader, read_bytes
 from ..formats.writer import PartialWriter
@@ -157,7 +158,7 @@ class TaskSpec:
     readahead: int
     writer_inflight: int  # bytes one task may have on their way to the writer
     cache_dir: str | None = None  # local cache of remote byte ranges, on each node
-    tensor_cache: int = 0  # WorkerContext.tensor_cache
+    tensor_cache: int | None = 0  # WorkerContext.tensor_cache; None: the CUDA default of the task's node
 
 
 # One plan per worker process, kept between tasks: a plan of 64 SDXL inputs takes ~0.7 s
@@ -186,8 +187,10 @@ def run_shard_task(boxed_plan: list, shard: Shard, spec: TaskSpec) -> ShardResul
     )
     try:
         dev = torch.device(spec.device)
+        # A node runs as many tasks at once as it has CPUs, whatever --workers says: they share its GPU.
+        cache = spec.tensor_cache if spec.tensor_cache is not None else default_tensor_cache(dev, os.cpu_count() or 1)
         ctx = WorkerContext(plan, readers, sink, spec.chunk_elems, dev, threading.Event(), readahead=spec.readahead,
-                            tensor_cache=spec.tensor_cache)
+                            tensor_cache=cache)
         result = run_shard(ctx, shard, ChunkBuffers(spec.chunk_elems, dev))
         if isinstance(sink, _ActorSink):
             sink.flush()  # the shard is done only once its bytes are written
