@@ -227,7 +227,8 @@ def fit(
     # Chunks on their way to the writer live in the object store: half of it by default, so
     # that they rarely spill; more is allowed, and then spilling (to --spill-dir) takes the rest.
     inflight = writer_inflight or (store // 2 if store else 256 * MIB)
-    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight, cuda, tensor_cache)
+    return MemoryPlan(budget, process, w, chunk, worker, readahead, ray, store, inflight,
+                      cache_on_device=cuda, tensor_cache=tensor_cache)
 
 
 class BudgetError(UsageError):
