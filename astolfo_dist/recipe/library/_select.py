@@ -98,9 +98,12 @@ class Selection:
     inert_zeros: bool = False  # |x| = 0 changes nothing downstream: never split ties at zero
     max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
     keys_cap: int | None = None  # the most per-chunk distinct keys recorded; None: chunk_keys_cap()
-    hist: torch.Tensor | None = None  # this pass's counts per digit (CPU int32, int64 for huge tensors)
-    kmin: int | None = None  # the smallest and largest key this pass saw: if they agree,
-    kmax: int | None = None  # every key sharing the prefix is that one
+    # This pass's counts per digit (int32, int64 for huge tensors) and the smallest and largest
+    # key it saw (if they agree, every key sharing the prefix is that one), on the chunks'
+    # device until end_pass reads them: on a GPU, no synchronisation per chunk.
+    hist: torch.Tensor | None = None
+    kmin: torch.Tensor | None = None
+    kmax: torch.Tensor | None = None
     cand_key: torch.Tensor | None = None  # collect: the candidates' keys (CPU int64)
     cand_index: torch.Tensor | None = None  # collect, magnitude stage: their element indices
     # Per chunk of this magnitude pass: (start, n, how many keys share the prefix, and in the
@@ -208,16 +211,12 @@ class Selection:
         bins = 1 << digit_bits
         digits = scratch("select.digits", keys.dtype)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
-        if digits.device.type == "cpu":  # counted in place: bincount would allocate int64 bins per chunk
-            if self.hist is None:
-                self.hist = torch.zeros(bins, dtype=self._count_dtype())
-            self.hist.index_add_(0, digits, torch.ones(1, dtype=self.hist.dtype).expand(digits.numel()))
-        else:  # the state stays on the CPU (it is merged and shipped between workers)
-            counts = torch.bincount(digits, minlength=bins).to("cpu", self._count_dtype())
-            self.hist = counts if self.hist is None else self.hist.add_(counts)
+        if self.hist is None:  # counted in place: bincount would allocate int64 bins per chunk
+            self.hist = torch.zeros(bins, dtype=self._count_dtype(), device=digits.device)
+        ones = torch.ones(1, dtype=self.hist.dtype, device=digits.device)
+        self.hist.index_add_(0, digits, ones.expand(digits.numel()))  # integer sums: any order, same counts
         if keys.numel():
-            lo, hi = (int(v) for v in torch.aminmax(keys))
-            self._see(lo, hi)
+            self._see(*torch.aminmax(keys))
 
     def wants(self, start: int, n: int) -> bool:
         """Whether a pass needs elements [start, start + n) at all (a caller may skip the read)."""
@@ -264,11 +263,11 @@ class Selection:
     def _count_dtype(self) -> torch.dtype:
         return torch.int32 if self.numel < 1 << 31 else torch.int64
 
-    def _see(self, lo: int | None, hi: int | None) -> None:
+    def _see(self, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
         if lo is None or hi is None:
             return
-        self.kmin = lo if self.kmin is None else min(self.kmin, lo)
-        self.kmax = hi if self.kmax is None else max(self.kmax, hi)
+        self.kmin = lo if self.kmin is None else torch.minimum(self.kmin, lo)
+        self.kmax = hi if self.kmax is None else torch.maximum(self.kmax, hi)
 
     def _append(self, keys: torch.Tensor, index: torch.Tensor | None) -> None:
         self.cand_key = keys if self.cand_key is None else torch.cat([self.cand_key, keys])
@@ -315,8 +314,9 @@ class Selection:
         digit_bits = self._digit_bits()
         if self.hist is None:
             raise ValueError("a selection pass saw no element")
-        counts = self.hist.to(torch.int64)
-        single = self.kmin if self.kmin == self.kmax else None
+        counts = self.hist.to("cpu", torch.int64)
+        seen = None if self.kmin is None or self.kmax is None else (int(self.kmin), int(self.kmax))
+        single = seen[0] if seen is not None and seen[0] == seen[1] else None
         chunks = self.chunks
         self.hist = self.kmin = self.kmax = None
         self.chunks = []

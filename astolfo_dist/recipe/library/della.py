@@ -98,7 +98,7 @@ class Della(TaskVectorMethod):
         delta = ws.like("taskvec.delta", base)
         for j, i in enumerate(self.others(state.n_inputs)):
             torch.sub(read(i), base, out=delta)
-            counts = torch.bincount(magnitude_bins(delta, ws), minlength=1 << BIN_BITS).cpu()
+            counts = torch.bincount(magnitude_bins(delta, ws), minlength=1 << BIN_BITS)  # read at end_pass
             state.hist[j] = counts if state.hist[j] is None else state.hist[j].add_(counts)
         return base.numel()
 
@@ -112,7 +112,7 @@ class Della(TaskVectorMethod):
         lower = p.density - p.epsilon / 2
         probs = []
         for h in state.hist:
-            counts = h if h is not None else torch.zeros(1 << BIN_BITS, dtype=torch.int64)
+            counts = h.to("cpu") if h is not None else torch.zeros(1 << BIN_BITS, dtype=torch.int64)
             below = torch.cumsum(counts, 0) - counts
             if state.numel > 1:
                 r = (2 * below + counts - 1).to(torch.float64) / float(2 * (state.numel - 1))
