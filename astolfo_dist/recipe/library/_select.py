@@ -287,9 +287,12 @@ class Selection:
             self.dtype = other.dtype
         elif other.dtype is not None and other.dtype != self.dtype:
             raise TypeError(f"cannot merge selections over {self.dtype} and {other.dtype}")
+        # Mid-pass counts live where their chunks were: fold them onto this state's device.
         if other.hist is not None:
-            self.hist = other.hist.clone() if self.hist is None else self.hist.add_(other.hist)
-        self._see(other.kmin, other.kmax)
+            self.hist = other.hist.clone() if self.hist is None else self.hist.add_(other.hist.to(self.hist.device))
+        if other.kmin is not None and other.kmax is not None:
+            device = other.kmin.device if self.kmin is None else self.kmin.device
+            self._see(other.kmin.to(device), other.kmax.to(device))
         self.chunks.extend(other.chunks)
         recorded = sum(c[3].numel() for c in self.chunks if c[3] is not None)
         self.chunk_keys = self.chunk_keys and other.chunk_keys and recorded <= self.keys_cap

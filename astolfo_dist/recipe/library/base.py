@@ -33,7 +33,9 @@ Splitting a pass between workers. A state is a small picklable value (O(n_inputs
 or a few histograms of at most a few thousand counts per input, never O(numel)). To split
 pass p, give every worker a copy (pickle / copy.deepcopy) of the state as it stood after
 `begin` or the previous `end_pass`; each worker observes its chunks; the driver folds the
-copies with `merge_states` and calls `end_pass` once. Every statistic is order-free and
+copies with `merge_states` and calls `end_pass` once (mid-pass, counts stay on the device
+their chunks were on, so that a GPU need not wait for them per chunk; `merge_states` folds
+them onto the first state's device). Every statistic is order-free and
 exact: integer counts, exact (error-free, superaccumulator) sums of float64 terms, and sets
 of candidates that are sorted before use. So the state after `end_pass`, and hence every
 output bit, is the same for any chunk size, chunk order and split between workers. Only

@@ -98,14 +98,16 @@ class Della(TaskVectorMethod):
         delta = ws.like("taskvec.delta", base)
         for j, i in enumerate(self.others(state.n_inputs)):
             torch.sub(read(i), base, out=delta)
-            counts = torch.bincount(magnitude_bins(delta, ws), minlength=1 << BIN_BITS)  # read at end_pass
-            state.hist[j] = counts if state.hist[j] is None else state.hist[j].add_(counts)
+            bins = magnitude_bins(delta, ws)
+            if state.hist[j] is None:  # on the chunks' device until end_pass: no host wait per chunk
+                state.hist[j] = torch.zeros(1 << BIN_BITS, dtype=torch.int64, device=bins.device)
+            state.hist[j].index_add_(0, bins, torch.ones(1, dtype=torch.int64, device=bins.device).expand(bins.numel()))
         return base.numel()
 
     def _merge(self, a: DellaState, b: DellaState) -> None:
         for j, h in enumerate(b.hist):
             if h is not None:
-                a.hist[j] = h.clone() if a.hist[j] is None else a.hist[j].add_(h)
+                a.hist[j] = h.clone() if a.hist[j] is None else a.hist[j].add_(h.to(a.hist[j].device))
 
     def _end_pass(self, state: DellaState) -> None:
         p: DellaParams = self.params
