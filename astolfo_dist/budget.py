@@ -16,12 +16,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import UsageError
 from .formats.dtypes import DTYPES
 from .plan import NodeCall, Plan
+
+if TYPE_CHECKING:
+    from .recipe.library.base import Method
 
 MIB = 1 << 20
 MIN_CHUNK_ELEMS = 64 << 10
@@ -131,21 +135,19 @@ def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
 
 
 def cacheable_bytes(plan: Plan) -> int:
-    """The most a worker's tensor cache can hold: the input bytes of the largest tensor
-    computed by a method with statistic passes (worker.py keeps nothing for the others)."""
+    """The most a worker's tensor cache can hold: the largest tensor_cache_need of the plan."""
     from .recipe.library import build
+    from .worker import tensor_cache_need  # one rule for what the worker keeps
 
-    multi_pass: dict[str, bool] = {}  # per distinct node call: a plan repeats few of them
+    built: dict[str, Method] = {}  # per distinct node call: a plan repeats few of them
 
-    def has_passes(call: NodeCall) -> bool:
+    def method(call: NodeCall) -> Method:
         key = repr((call.method, call.params, call.base))
-        if key not in multi_pass:
-            multi_pass[key] = build(call.method, dict(call.params), base=call.base).tensor_passes > 0
-        return multi_pass[key]
+        if key not in built:
+            built[key] = build(call.method, dict(call.params), base=call.base)
+        return built[key]
 
-    sizes = [sum(t.numel * DTYPES[s.dtype].itemsize for s in t.sources)
-             for t in plan.tensors if t.graph and any(has_passes(c) for c in t.graph)]
-    return max(sizes, default=0)
+    return max((tensor_cache_need(t, [method(c) for c in t.graph]) for t in plan.tensors if t.graph), default=0)
 
 
 def default_tensor_cache(device: object, sharers: int) -> int:

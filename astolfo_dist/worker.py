@@ -7,9 +7,10 @@ size of the tensors: inputs are streamed one at a time into one reused read buff
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,7 @@ from .errors import MergeCancelled
 from .formats.dtypes import DTYPES, DType
 from .formats.readers import RangeReader
 from .plan import Plan, PlannedTensor, Source
-from .recipe.library.base import State
+from .recipe.library.base import Method, State
 from .recipe.methods import weighted_sum
 from .recipe.workspace import Workspace
 from .shards import Shard
@@ -214,6 +215,14 @@ def _reduce_chunk(
     return sum(n * DTYPES[s.dtype].itemsize for s in tensor.sources)
 
 
+def tensor_cache_need(tensor: PlannedTensor, methods: Sequence[Method]) -> int:
+    """The bytes a worker's tensor cache needs to keep this tensor's inputs between passes;
+    0 when its methods make no statistic pass (nothing is read twice, nothing is kept)."""
+    if not any(m.tensor_passes for m in methods):
+        return 0
+    return math.ceil(tensor.numel * tensor.read_bytes_per_unit())
+
+
 class _TensorGraph:
     """One key's recipe graph (plan.NodeCall) on one worker: node values computed chunk by
     chunk when a reader asks for them, fused, never a whole intermediate tensor.
@@ -245,11 +254,8 @@ class _TensorGraph:
         # tensor's inputs fit in the cache whole, the chunks read in the first pass are kept
         # on the device, in their own dtype, until the tensor is done: each byte is read
         # once. All or nothing: a partial cache would still re-read for every pass.
-        input_bytes = sum(tensor.numel * DTYPES[s.dtype].itemsize for s in tensor.sources)
-        multi_pass = any(m.tensor_passes for m in self.methods)
-        self.kept: dict[tuple[int, int, int], torch.Tensor] | None = (
-            {} if multi_pass and input_bytes <= ctx.tensor_cache else None
-        )
+        need = tensor_cache_need(tensor, self.methods)
+        self.kept: dict[tuple[int, int, int], torch.Tensor] | None = {} if 0 < need <= ctx.tensor_cache else None
 
     def settle(self) -> None:
         """Run every node's statistic passes, inputs first (the graph is in evaluation order)."""
