@@ -2,37 +2,37 @@
 
 Element e of a tensor gets a value that depends only on (seed, input_index, key, e), so a
 mask is the same however the tensor is chunked, sharded or scheduled, and on any device.
-The generator is Philox-4x64-10 (Salmon et al., "Parallel random numbers: as easy as
-1, 2, 3", SC 2011) as implemented in C by numpy (`numpy.random.Philox`), used as a pure
-function of (key, counter); the tests check it against the Random123 known-answer vectors
-and against a plain-Python Philox written from the paper.
+The generator is Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as
+1, 2, 3", SC 2011), the variant cuRAND and JAX use, as a pure function of (key, counter);
+the tests check it against the Random123 known-answer vectors and against a plain-Python
+Philox written from the paper.
 
-Stream layout (version 2; changing any of it changes every random merge, so don't):
+Stream layout (version 3; changing any of it changes every random merge, so don't):
 
-* blake2b (40-byte digest, personalisation b"astolfo-rng-v2") of the domain string
-  b"astolfo-dist/rng/philox4x64-10/v2" followed by, for each of str(seed), str(input_index)
+* blake2b (16-byte digest, personalisation b"astolfo-rng-v3") of the domain string
+  b"astolfo-dist/rng/philox4x32-10/v3" followed by, for each of str(seed), str(input_index)
   (ASCII decimal) and key (UTF-8, lone surrogates passed through), its byte length as 8
-  little-endian bytes and then its bytes. The digest is read as five little-endian uint64
-  words (k0, k1, c1, c2, c3).
-* Block b is Philox-4x64-10 with key (k0, k1) and counter words (b, c1, c2, c3) (word 0 the
-  low one, as in Random123), giving four uint64 words x0..x3.
-* Element e is 32 bits of block b = e // 8: with j, h = divmod(e % 8, 2), it is
-  (x_j >> 32 * h) & 0xFFFFFFFF. That is, the uint64 words of blocks 0, 1, 2... in order,
-  read as little-endian uint32 pairs (low half first).
+  little-endian bytes and then its bytes. The digest is read as four little-endian uint32
+  words (k0, k1, c2, c3).
+* Block b is Philox-4x32-10 with key (k0, k1) and counter words (b mod 2**32, b // 2**32,
+  c2, c3) (word 0 first, as in Random123), giving four uint32 words x0..x3.
+* Element e is word e % 4 of block e // 4.
 * uniform01 is u32 * 2**-32 (exact in float64, in [0, 1)). A mask with keep probability p
-  keeps element e iff u32 * 2**-32 < p. 32 bits, not 53: a probability is then resolved to
-  2**-32, far below what a mask rate needs, and the scalar case is one uint32 compare.
+  keeps element e iff u32 * 2**-32 < p: a probability is resolved to 2**-32, far below what
+  a mask rate needs, and the scalar case is one uint32 compare.
 
-Elements are limited to e < 2**62, so b < 2**59 always fits counter word 0.
+Elements are limited to e < 2**62, so b < 2**60 fits the two low counter words.
 
-numpy's Philox returns the block of counter c + 1 first (a 256-bit increment: word 0 is the
-low 64 bits of the integer counter), so a generator for block b is built with counter
-(b, c1, c2, c3) - 1 as a 256-bit integer. (numpy has only the 4x64 variant. Version 1 of
-this layout was Philox-4x32-10 in torch int64 arithmetic, 20-30x slower per mask.)
+The kernels are hand-written (recipe/_philox.py, compiled by numba) because numpy has only
+Philox-4x64 (at its scalar speed, 1.6-2.2 ns per 32-bit word on the 2-core VM of the README's
+benchmarks) and torch's generators are not addressable per element. Philox-4x32 needs only
+32x32->64 multiplies, which vectorise: 0.4-0.8 ns per word here. A scalar-probability mask is
+drawn, compared and applied in one pass over cache-sized tiles (`drop_`), instead of a uint32
+array, a bool array, an integer mask and three more passes over the chunk. (Version 2 of this layout
+was numpy's Philox-4x64-10; version 1 Philox-4x32-10 in torch int64 operations.)
 
-Masks are generated on the host (numpy) and copied to the requested device; for a CUDA
-device that costs a host-to-device copy of one bool per element (and, for per-element
-probabilities, a device-to-host copy of them).
+Words are generated on the host; for a CUDA tensor, a mask costs a host-to-device copy of
+one bool per element (and, for per-element probabilities, a device-to-host copy of them).
 """
 
 from __future__ import annotations
@@ -44,22 +44,32 @@ import numpy as np
 import torch
 
 MAX_ELEMENTS = 2**62  # element indices are < this (recipe/library/_select.py relies on it)
-_DOMAIN = b"astolfo-dist/rng/philox4x64-10/v2"
-_PERSON = b"astolfo-rng-v2"
-_WORDS_PER_BLOCK = 8  # uint32 outputs of one Philox-4x64 block
+_DOMAIN = b"astolfo-dist/rng/philox4x32-10/v3"
+_PERSON = b"astolfo-rng-v3"
 _COMPARE_BLOCK = 1 << 16  # elements per float64 scratch block in _below: bounded, cache-sized
 
 
-def stream_key(seed: int, input_index: int, key: str) -> tuple[int, int, int, int, int]:
-    """(k0, k1, c1, c2, c3): the Philox key and the upper counter words of (seed, input_index, key)."""
-    h = hashlib.blake2b(digest_size=40, person=_PERSON)
+def stream_key(seed: int, input_index: int, key: str) -> tuple[int, int, int, int]:
+    """(k0, k1, c2, c3): the Philox key and the upper counter words of (seed, input_index, key)."""
+    h = hashlib.blake2b(digest_size=16, person=_PERSON)
     h.update(_DOMAIN)
     for part in (str(int(seed)).encode(), str(int(input_index)).encode(), key.encode("utf-8", "surrogatepass")):
         # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     d = h.digest()
-    return tuple(int.from_bytes(d[i : i + 8], "little") for i in range(0, 40, 8))  # type: ignore[return-value]
+    return tuple(int.from_bytes(d[i : i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+
+
+def _stream(seed: int, input_index: int, key: str) -> np.ndarray:
+    return np.array(stream_key(seed, input_index, key), dtype=np.uint32)
+
+
+def _check_range(start: int, count: int) -> None:
+    if start < 0 or count < 0:
+        raise ValueError(f"start and count must be non-negative, got {start}, {count}")
+    if start + count > MAX_ELEMENTS:
+        raise ValueError("element index out of the generator's range")
 
 
 def random_u32(seed: int, input_index: int, key: str, start: int, count: int) -> np.ndarray:
@@ -67,20 +77,16 @@ def random_u32(seed: int, input_index: int, key: str, start: int, count: int) ->
 
     Word start+i depends only on (seed, input_index, key, start+i).
     """
-    if start < 0 or count < 0:
-        raise ValueError(f"start and count must be non-negative, got {start}, {count}")
-    if start + count > MAX_ELEMENTS:
-        raise ValueError("element index out of the generator's range")
+    _check_range(start, count)
     if count == 0:
         return np.empty(0, dtype=np.uint32)
-    k0, k1, c1, c2, c3 = stream_key(seed, input_index, key)
-    first = start // _WORDS_PER_BLOCK
-    blocks = (start + count - 1) // _WORDS_PER_BLOCK - first + 1
-    counter = first | c1 << 64 | c2 << 128 | c3 << 192
-    # numpy increments the counter before each block: start one below block `first`.
-    gen = np.random.Philox(key=k0 | k1 << 64, counter=(counter - 1) % 2**256)
-    words = gen.random_raw(4 * blocks).astype("<u8", copy=False).view("<u4")
-    offset = start - _WORDS_PER_BLOCK * first
+    from ._philox import WORDS_PER_BLOCK, fill  # here: numba loads only where masks are drawn
+
+    first = start // WORDS_PER_BLOCK
+    blocks = (start + count - 1) // WORDS_PER_BLOCK - first + 1
+    words = np.empty(WORDS_PER_BLOCK * blocks, dtype=np.uint32)
+    fill(_stream(seed, input_index, key), first, blocks, words)
+    offset = start - WORDS_PER_BLOCK * first
     return words[offset : offset + count]
 
 
@@ -170,3 +176,35 @@ def bernoulli_mask(
             keep = words < np.uint32(t)
     mask = torch.from_numpy(keep)
     return mask if device is None else mask.to(device)
+
+
+_BITS = {torch.float32: np.uint32, torch.float64: np.uint64}
+
+
+def drop_(
+    x: torch.Tensor, seed: int, input_index: int, key: str, start: int, p: float, divisor: float | None = None
+) -> torch.Tensor:
+    """In place on a contiguous CPU float32 or float64 tensor of elements [start, start +
+    x.numel()): x / divisor (x without a divisor) where u < p, else +0.0 (NaN and inf too).
+
+    Bit for bit keep_only(x, bernoulli_mask(..., p)) then x.div_(divisor), in one fused pass
+    (DARE's mask on the CPU).
+    """
+    if x.device.type != "cpu" or x.dtype not in _BITS or not x.is_contiguous():
+        raise ValueError(f"drop_ needs a contiguous CPU float32 or float64 tensor, got {x.dtype} on {x.device}")
+    count = x.numel()
+    _check_range(start, count)
+    t = keep_threshold(p)
+    if t == 0:
+        return x.zero_()
+    values = x.view(-1).numpy()
+    if t == 2**32:  # every element kept
+        if divisor is not None:
+            x.div_(divisor)
+        return x
+    if count:
+        from ._philox import drop
+
+        drop(values, values.view(_BITS[x.dtype]), _stream(seed, input_index, key), start, np.uint32(t),
+             values.dtype.type(1.0 if divisor is None else divisor), divisor is not None)
+    return x

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..rng import bernoulli_mask
+from ..rng import bernoulli_mask, drop_
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
 from .base import State
 
@@ -39,12 +39,17 @@ class DareParams(TaskVectorParams):
 class Dare(TaskVectorMethod):
     name = "dare"
     params_type = DareParams
+    draws_random = True
 
     def sparsify(self, state: State, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         p: DareParams = self.params
         if p.density == 1.0:
             return  # u < 1 always: every element kept, rescaled by 1
+        divisor = p.density if p.rescale else None
+        if delta.device.type == "cpu":  # one fused pass: draw, compare, drop and rescale
+            drop_(delta, p.seed, i, state.key, start, p.density, divisor)
+            return
         keep = bernoulli_mask(p.seed, i, state.key, start, delta.numel(), p.density, device=delta.device)
         keep_only(delta, keep, self.workspace)
-        if p.rescale:
-            delta.div_(p.density)
+        if divisor is not None:
+            delta.div_(divisor)

@@ -1,0 +1,65 @@
+"""The compiled kernels behind recipe/rng.py: Philox-4x32-10 blocks and the fused drop.
+
+Hand-written (numba) because no library has an element-addressable Philox-4x32 for the CPU:
+numpy has only Philox-4x64 at its scalar speed, torch's generators are not addressable per
+element. Imported on first use only (rng.py), since numba costs ~115 MiB of RSS. Compiled
+code is cached on disk by numba (`cache=True`), so only the first run on a machine compiles.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+WORDS_PER_BLOCK = 4  # uint32 outputs of one Philox-4x32 block
+TILE = 4096  # elements per tile of `drop`: its words (16 KiB) stay in the L1 cache
+
+# Philox-4x32 multipliers and Weyl key increments (Random123); numba freezes globals as constants.
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+_LOW32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+
+
+@numba.njit(cache=True)
+def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
+    """out[4q : 4q + 4] = block first_block + q of `stream` (uint32 k0, k1, c2, c3): Philox-4x32-10
+    with key (k0, k1) and counter (block mod 2**32, block // 2**32, c2, c3)."""
+    k0, k1, c2, c3 = stream[0], stream[1], stream[2], stream[3]
+    lo = np.uint64(first_block) & _LOW32
+    hi = np.uint64(first_block) >> _S32
+    for q in range(blocks):
+        b = lo + np.uint64(q)  # the low counter word's carry goes into the next word
+        x0, x1, x2, x3 = np.uint32(b & _LOW32), np.uint32(hi + (b >> _S32)), c2, c3
+        a, bk = k0, k1
+        for _ in range(10):
+            p0, p1 = _M0 * np.uint64(x0), _M1 * np.uint64(x2)
+            # The XORs are left to numba's integer promotion (their values stay below 2**32):
+            # casting them back to uint32 here halves the speed (the loop no longer vectorises).
+            x0, x1, x2, x3 = (np.uint32(p1 >> _S32) ^ x1 ^ a, np.uint32(p1),
+                              np.uint32(p0 >> _S32) ^ x3 ^ bk, np.uint32(p0))
+            a, bk = np.uint32(a + _W0), np.uint32(bk + _W1)
+        out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3] = x0, x1, x2, x3
+
+
+@numba.njit(cache=True)
+def drop(values, bits, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
+    """In place, tile by tile: values[i] (/ divisor when `divide`) where the word of element
+    start + i is below `threshold`, else +0.0.
+
+    `bits` is `values` viewed as unsigned integers of its width: the drop is an AND of the
+    pattern with all ones or zero, branch-free (NaN and inf are dropped too)."""
+    n = values.shape[0]
+    words = np.empty(TILE + 2 * WORDS_PER_BLOCK, np.uint32)
+    for s in range(0, n, TILE):
+        e = min(s + TILE, n)
+        first = (start + s) // WORDS_PER_BLOCK
+        last = (start + e - 1) // WORDS_PER_BLOCK
+        fill(stream, first, last - first + 1, words)
+        # Slices, so that every index below is known non-negative and the loops vectorise.
+        w = words[start + s - WORDS_PER_BLOCK * first :]
+        v, b = values[s:e], bits[s:e]
+        if divide:
+            for i in range(e - s):
+                v[i] = v[i] / divisor
+        for i in range(e - s):
+            b[i] &= b.dtype.type(0) - b.dtype.type(w[i] < threshold)
