@@ -378,6 +378,28 @@ def test_dare(case):
         assert bits_equal(out, ref), (density, election, rescale)
 
 
+def test_dare_fused_cpu_pass_equals_the_mask_path_a_gpu_takes(monkeypatch):
+    """On the CPU, DARE's deltas take one fused pass (Dare.fused_delta); a GPU takes the default
+    (sub, host mask, keep_only, div, add). Same bits, through the mix and through election and weights."""
+    from astolfo_dist.recipe.library.dare import Dare
+
+    xs = task_inputs(5, (70, 50), seed=21)
+    gen = torch.Generator().manual_seed(5)
+    for x in xs[1:]:
+        spots = torch.randperm(x.numel(), generator=gen)[:40]
+        x[spots[:10]], x[spots[10:20]], x[spots[20:30]] = math.nan, math.inf, -math.inf
+        x[spots[30:]] = xs[0][spots[30:]]
+    configs = [{"density": 0.3}, {"density": 0.6, "sign_election": True}, {"density": 0.5, "rescale": False},
+               {"density": 0.4, "weights": [1.0, 0.5, 2.0, 1.0, 0.25]}, {"density": 0.3, "consensus": "count",
+                                                                   "sign_election": True, "normalize": False}]
+    fused = [run_all(build("dare", {**c, "seed": 2}, base=0), xs) for c in configs]
+    monkeypatch.setattr(Dare, "fused_delta", lambda self, *args, **kwargs: False)
+    for config, out in zip(configs, fused, strict=True):
+        unfused = run_all(build("dare", {**config, "seed": 2}, base=0), xs)
+        assert bits_equal(torch.nan_to_num(out, nan=0.5), torch.nan_to_num(unfused, nan=0.5)), config
+        assert torch.equal(out.isnan(), unfused.isnan()), config
+
+
 @pytest.mark.parametrize("name", ["dare", "ties"])
 @pytest.mark.parametrize("election", [False, True])
 def test_non_finite_deltas_are_dropped_and_kept_as_the_reference_does(name, election):

@@ -17,7 +17,7 @@ from astolfo_dist.recipe._philox import fill
 from astolfo_dist.recipe.rng import (
     MAX_ELEMENTS,
     bernoulli_mask,
-    drop_,
+    drop_delta_,
     keep_threshold,
     random_u32,
     stream_key,
@@ -263,46 +263,62 @@ def test_cuda_equals_cpu() -> None:
     assert mask.device.type == "cuda" and torch.equal(mask.cpu(), bernoulli_mask(8, 1, KEY, 5, 300_001, p))
 
 
-def _drop_reference(x: torch.Tensor, start: int, p: float, divisor: float | None) -> torch.Tensor:
-    kept = x if divisor is None else x / divisor
-    return torch.where(uniform01(6, 2, KEY, start, x.numel()) < p, kept, torch.zeros((), dtype=x.dtype))
+def _drop_reference(x: torch.Tensor, base: torch.Tensor, start: int, p: float, divisor: float | None) -> torch.Tensor:
+    d = x - base if divisor is None else (x - base) / divisor
+    return torch.where(uniform01(6, 2, KEY, start, x.numel()) < p, d, torch.zeros((), dtype=x.dtype))
+
+
+def _awkward(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    x = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(seed)) * 1e3
+    for step, value in ((97, math.nan), (89, math.inf), (83, -math.inf), (79, -0.0)):
+        x[seed + step % 4 :: step] = value
+    return x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("start", [0, 3, 2**34 - 4097, MAX_ELEMENTS - 10_007])
 @pytest.mark.parametrize(("p", "divisor"), [(0.3, 0.3), (0.3, None), (1 / 3, 1 / 3), (2.0**-32, None), (0.0, 0.5),
                                             (1.0, 0.7), (1 - 2.0**-32, 1 - 2.0**-32)])
-def test_fused_drop_equals_mask_then_divide(dtype: torch.dtype, start: int, p: float, divisor: float | None) -> None:
-    """drop_ (DARE's fused CPU pass) against a where() over uniform01 and against the mask path
-    the GPU takes (bernoulli_mask, keep_only, div_), bit for bit, NaN and inf included."""
+def test_fused_drop_delta_equals_sub_mask_divide_add(dtype: torch.dtype, start: int, p: float,
+                                                     divisor: float | None) -> None:
+    """drop_delta_ (DARE's fused CPU pass) against a where() over uniform01 and against the path
+    a GPU takes (sub, bernoulli_mask, keep_only, div_, add_), bit for bit, NaN, inf and -0.0 included."""
     from astolfo_dist.recipe.library._taskvec import keep_only
     from astolfo_dist.recipe.workspace import Workspace
 
-    x = torch.randn(10_007, dtype=dtype, generator=torch.Generator().manual_seed(5)) * 1e3
-    x[::97], x[1::89], x[2::83], x[3::79] = float("nan"), float("inf"), -float("inf"), -0.0
-    got = drop_(x.clone(), 6, 2, KEY, start, p, divisor)
-    assert torch.equal(got.view(torch.uint8), _drop_reference(x, start, p, divisor).view(torch.uint8))
-    masked = keep_only(x.clone(), bernoulli_mask(6, 2, KEY, start, x.numel(), p), Workspace())
+    n = 10_007
+    x, base, mix = _awkward(n, dtype, 5), _awkward(n, dtype, 6), _awkward(n, dtype, 7)
+    got = drop_delta_(torch.empty_like(x), x, base, 6, 2, KEY, start, p, divisor)
+    summed = drop_delta_(mix.clone(), x, base, 6, 2, KEY, start, p, divisor, accumulate=True)
+    reference = _drop_reference(x, base, start, p, divisor)
+    assert torch.equal(got.view(torch.uint8), reference.view(torch.uint8))
+    assert torch.equal(summed.view(torch.uint8), (mix + reference).view(torch.uint8))
+    masked = keep_only(x - base, bernoulli_mask(6, 2, KEY, start, n, p), Workspace())
     if divisor is not None:
         masked.div_(divisor)
     assert torch.equal(got.view(torch.uint8), masked.view(torch.uint8))
+    assert torch.equal(summed.view(torch.uint8), mix.clone().add_(masked).view(torch.uint8))
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(start=st.one_of(st.integers(0, 40), st.integers(0, MAX_ELEMENTS - 20_000)), n=st.integers(1, 20_000),
        cuts=st.lists(st.floats(0.0, 1.0), max_size=6))
-def test_fused_drop_chunk_independence(start: int, n: int, cuts: list[float]) -> None:
-    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    whole = drop_(x.clone(), 6, 2, KEY, start, 0.3, 0.3)
+def test_fused_drop_delta_chunk_independence(start: int, n: int, cuts: list[float]) -> None:
+    x, base = torch.randn(2, n, generator=torch.Generator().manual_seed(n))
+    whole = drop_delta_(torch.empty(n), x, base, 6, 2, KEY, start, 0.3, 0.3)
     bounds = sorted({0, n, *(int(c * n) for c in cuts)})
-    parts = [drop_(x[a:b].clone(), 6, 2, KEY, start + a, 0.3, 0.3) for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [drop_delta_(torch.empty(b - a), x[a:b], base[a:b], 6, 2, KEY, start + a, 0.3, 0.3)
+             for a, b in zip(bounds, bounds[1:], strict=False)]
     assert torch.equal(torch.cat(parts), whole)
 
 
-def test_fused_drop_rejects_what_it_cannot_do() -> None:
-    for bad in (torch.ones(8, dtype=torch.float16), torch.ones(8, 2)[:, 0], torch.ones(8, dtype=torch.int32)):
-        with pytest.raises(ValueError, match="contiguous CPU float32 or float64"):
-            drop_(bad, 0, 0, KEY, 0, 0.5)
+def test_fused_drop_delta_rejects_what_it_cannot_do() -> None:
+    ok = torch.ones(8)
+    for bad in (torch.ones(8, dtype=torch.float16), torch.ones(8, 2)[:, 0], torch.ones(8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="contiguous CPU tensors of one dtype"):
+            drop_delta_(ok.clone(), bad, ok, 0, 0, KEY, 0, 0.5)
+    with pytest.raises(ValueError, match="sizes differ"):
+        drop_delta_(ok.clone(), ok, torch.ones(7), 0, 0, KEY, 0, 0.5)
     with pytest.raises(ValueError):
-        drop_(torch.ones(3), 0, 0, KEY, MAX_ELEMENTS - 2, 0.5)
-    assert drop_(torch.ones(0), 0, 0, KEY, MAX_ELEMENTS, 0.5).shape == (0,)
+        drop_delta_(torch.ones(3), torch.ones(3), torch.ones(3), 0, 0, KEY, MAX_ELEMENTS - 2, 0.5)
+    assert drop_delta_(torch.ones(0), torch.ones(0), torch.ones(0), 0, 0, KEY, MAX_ELEMENTS, 0.5).shape == (0,)

@@ -1,4 +1,4 @@
-"""The compiled kernels behind recipe/rng.py: Philox-4x32-10 blocks and the fused drop.
+"""The compiled kernels behind recipe/rng.py: Philox-4x32-10 blocks and DARE's fused delta.
 
 Hand-written (numba) because no library has an element-addressable Philox-4x32 for the CPU:
 numpy has only Philox-4x64 at its scalar speed, torch's generators are not addressable per
@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 WORDS_PER_BLOCK = 4  # uint32 outputs of one Philox-4x32 block
-TILE = 4096  # elements per tile of `drop`: its words (16 KiB) stay in the L1 cache
+TILE = 4096  # elements per tile of `drop_delta`: its words (16 KiB) stay in the L1 cache
 
 # Philox-4x32 multipliers and Weyl key increments (Random123); numba freezes globals as constants.
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -42,24 +42,35 @@ def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True)
-def drop(values, bits, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
-    """In place, tile by tile: values[i] (/ divisor when `divide`) where the word of element
-    start + i is below `threshold`, else +0.0.
-
-    `bits` is `values` viewed as unsigned integers of its width: the drop is an AND of the
-    pattern with all ones or zero, branch-free (NaN and inf are dropped too)."""
-    n = values.shape[0]
+def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
+    """Tile by tile, for element start + i: d = x[i] - base[i] (/ divisor when `divide`) where
+    its word is below `threshold`, else +0.0 (NaN and inf too); out[i] = d, or out[i] += d
+    with `accumulate`. The arithmetic is IEEE in out's dtype, as torch's sub, div and add."""
+    n = out.shape[0]
     words = np.empty(TILE + 2 * WORDS_PER_BLOCK, np.uint32)
+    zero = out.dtype.type(0)
     for s in range(0, n, TILE):
         e = min(s + TILE, n)
         first = (start + s) // WORDS_PER_BLOCK
         last = (start + e - 1) // WORDS_PER_BLOCK
         fill(stream, first, last - first + 1, words)
-        # Slices, so that every index below is known non-negative and the loops vectorise.
+        # Slices, so that every index below is known non-negative and the loops vectorise;
+        # the flags are tested outside the loops for the same reason.
         w = words[start + s - WORDS_PER_BLOCK * first :]
-        v, b = values[s:e], bits[s:e]
-        if divide:
+        xs, bs, os = x[s:e], base[s:e], out[s:e]
+        if accumulate and divide:
             for i in range(e - s):
-                v[i] = v[i] / divisor
-        for i in range(e - s):
-            b[i] &= b.dtype.type(0) - b.dtype.type(w[i] < threshold)
+                d = (xs[i] - bs[i]) / divisor
+                os[i] += d if w[i] < threshold else zero
+        elif accumulate:
+            for i in range(e - s):
+                d = xs[i] - bs[i]
+                os[i] += d if w[i] < threshold else zero
+        elif divide:
+            for i in range(e - s):
+                d = (xs[i] - bs[i]) / divisor
+                os[i] = d if w[i] < threshold else zero
+        else:
+            for i in range(e - s):
+                d = xs[i] - bs[i]
+                os[i] = d if w[i] < threshold else zero

@@ -27,8 +27,9 @@ The kernels are hand-written (recipe/_philox.py, compiled by numba) because nump
 Philox-4x64 (at its scalar speed, 1.6-2.2 ns per 32-bit word on the 2-core VM of the README's
 benchmarks) and torch's generators are not addressable per element. Philox-4x32 needs only
 32x32->64 multiplies, which vectorise: 0.4-0.8 ns per word here. A scalar-probability mask is
-drawn, compared and applied in one pass over cache-sized tiles (`drop_`), instead of a uint32
-array, a bool array, an integer mask and three more passes over the chunk. (Version 2 of this layout
+drawn, compared and applied in one pass over cache-sized tiles (`drop_delta_`, with the
+subtraction of the base and the sum), instead of a uint32 array, a bool array, an integer mask
+and five more passes over the chunk. (Version 2 of this layout
 was numpy's Philox-4x64-10; version 1 Philox-4x32-10 in torch int64 operations.)
 
 Words are generated on the host; for a CUDA tensor, a mask costs a host-to-device copy of
@@ -178,33 +179,40 @@ def bernoulli_mask(
     return mask if device is None else mask.to(device)
 
 
-_BITS = {torch.float32: np.uint32, torch.float64: np.uint64}
-
-
-def drop_(
-    x: torch.Tensor, seed: int, input_index: int, key: str, start: int, p: float, divisor: float | None = None
+def drop_delta_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    seed: int,
+    input_index: int,
+    key: str,
+    start: int,
+    p: float,
+    divisor: float | None = None,
+    *,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """In place on a contiguous CPU float32 or float64 tensor of elements [start, start +
-    x.numel()): x / divisor (x without a divisor) where u < p, else +0.0 (NaN and inf too).
+    """out = d, or out += d with `accumulate`, for elements [start, start + out.numel()), where
+    d = (x - base) / divisor (x - base without a divisor) where u < p, else +0.0 (NaN and inf
+    too). out, x and base: contiguous CPU tensors of one dtype, float32 or float64.
 
-    Bit for bit keep_only(x, bernoulli_mask(..., p)) then x.div_(divisor), in one fused pass
-    (DARE's mask on the CPU).
+    Bit for bit torch.sub, keep_only(bernoulli_mask(..., p)), div_ and add_, in one pass
+    (DARE's delta on the CPU).
     """
-    if x.device.type != "cpu" or x.dtype not in _BITS or not x.is_contiguous():
-        raise ValueError(f"drop_ needs a contiguous CPU float32 or float64 tensor, got {x.dtype} on {x.device}")
-    count = x.numel()
-    _check_range(start, count)
-    t = keep_threshold(p)
-    if t == 0:
-        return x.zero_()
-    values = x.view(-1).numpy()
-    if t == 2**32:  # every element kept
-        if divisor is not None:
-            x.div_(divisor)
-        return x
-    if count:
-        from ._philox import drop
+    tensors = (out, x, base)
+    if any(t.device.type != "cpu" or t.dtype != out.dtype or not t.is_contiguous() for t in tensors) or (
+        out.dtype not in (torch.float32, torch.float64)
+    ):
+        raise ValueError("drop_delta_ needs contiguous CPU tensors of one dtype, float32 or float64, got "
+                         + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
+    if not x.numel() == base.numel() == out.numel():
+        raise ValueError(f"drop_delta_: sizes differ: {out.numel()}, {x.numel()}, {base.numel()}")
+    _check_range(start, out.numel())
+    if out.numel():
+        from ._philox import drop_delta
 
-        drop(values, values.view(_BITS[x.dtype]), _stream(seed, input_index, key), start, np.uint32(t),
-             values.dtype.type(1.0 if divisor is None else divisor), divisor is not None)
-    return x
+        arrays = [t.view(-1).numpy() for t in tensors]
+        scalar = arrays[0].dtype.type
+        drop_delta(arrays[1], arrays[2], arrays[0], accumulate, _stream(seed, input_index, key), start,
+                   np.uint64(keep_threshold(p)), scalar(1.0 if divisor is None else divisor), divisor is not None)
+    return out

@@ -104,6 +104,12 @@ class TaskVectorMethod(Method):
     def sparsify(self, state: State, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         """In place: keep/rescale the delta of input i (the j-th non-base input). Default: keep all."""
 
+    def fused_delta(self, state: State, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
+                    out: torch.Tensor, accumulate: bool) -> bool:
+        """Optional fast path: out = sparsify(x - base), or out += it with `accumulate`, in one
+        pass, bit for bit the default's sub, sparsify and add. False: none here, use the default."""
+        return False
+
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
         p: TaskVectorParams = self.params
         ws = self.workspace
@@ -114,8 +120,14 @@ class TaskVectorMethod(Method):
         mix = out.zero_()
         sides = _Sides(ws, mix, p.consensus, p.normalized) if p.sign_election else None
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
-            torch.sub(read(i), base, out=delta)
-            self.sparsify(state, j, i, start, delta)
+            x = read(i)
+            direct = sides is None and weights[j] == 1.0  # the delta goes straight into the mix
+            if self.fused_delta(state, j, i, start, x, base, mix if direct else delta, accumulate=direct):
+                if direct:
+                    continue
+            else:
+                torch.sub(x, base, out=delta)
+                self.sparsify(state, j, i, start, delta)
             d = delta if weights[j] == 1.0 else delta.mul_(weights[j])  # x * 1.0 is x: skip the pass
             if sides is None:
                 mix.add_(d)

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..rng import bernoulli_mask, drop_
+from ..rng import bernoulli_mask, drop_delta_
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
 from .base import State
 
@@ -45,11 +45,18 @@ class Dare(TaskVectorMethod):
         p: DareParams = self.params
         if p.density == 1.0:
             return  # u < 1 always: every element kept, rescaled by 1
-        divisor = p.density if p.rescale else None
-        if delta.device.type == "cpu":  # one fused pass: draw, compare, drop and rescale
-            drop_(delta, p.seed, i, state.key, start, p.density, divisor)
-            return
         keep = bernoulli_mask(p.seed, i, state.key, start, delta.numel(), p.density, device=delta.device)
         keep_only(delta, keep, self.workspace)
-        if divisor is not None:
-            delta.div_(divisor)
+        if p.rescale:
+            delta.div_(p.density)
+
+    def fused_delta(self, state: State, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
+                    out: torch.Tensor, accumulate: bool) -> bool:
+        """On the CPU: subtract, draw, compare, drop, rescale (and add) in one pass (rng.drop_delta_);
+        2.0 against 1.2 ns per element here. On a GPU, the default (a host mask, then torch)."""
+        p: DareParams = self.params
+        if x.device.type != "cpu" or p.density == 1.0:
+            return False
+        drop_delta_(out, x, base, p.seed, i, state.key, start, p.density, p.density if p.rescale else None,
+                    accumulate=accumulate)
+        return True
