@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one call on a GPU machine (the device tool runs it from the repository
 # root; results land in $OUT). Uses that machine's python3, which has torch with CUDA,
-# safetensors, numpy, psutil and pytest; Ray is not needed.
+# safetensors, numpy, psutil and pytest; Ray is not needed. It has no numba and no network:
+# fill benchmarks/wheels here first and carry it (63 MB; the device tool's `carry`):
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 -d benchmarks/wheels numba==0.68.1 llvmlite
 #   1. tests/test_cuda.py (-k $TESTS) and the CUDA case of tests/test_rng.py: the CUDA
 #      output's bytes equal the CPU's, for the weighted sum and every library method.
 #   2. benchmarks/methods.py with --device cuda at each scale of $SCALES (1 = full size:
@@ -24,10 +27,15 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 WORK=${WORK:-/tmp/astolfo-methods}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ! $PY -c 'import numba' 2>/dev/null; then
+  $PY -m pip install -q --no-index --find-links benchmarks/wheels numba 2>&1 | tail -2 \
+    || echo "NO NUMBA: carry benchmarks/wheels (see the top of this script)"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c 'import torch, safetensors, numpy; print("torch", torch.__version__, "cuda", torch.version.cuda,
   torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "safetensors", safetensors.__version__,
   "numpy", numpy.__version__)'
+$PY -c 'import numba; print("numba", numba.__version__)'
 timeout 300 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=200 -q -rfE -m cuda -k "$TESTS" \
   tests/test_cuda.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log" | tail -40
 status=${PIPESTATUS[0]}

@@ -400,6 +400,48 @@ def test_dare_fused_cpu_pass_equals_the_mask_path_a_gpu_takes(monkeypatch):
         assert torch.equal(out.isnan(), unfused.isnan()), config
 
 
+FUSED_CONFIGS = [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.5, "consensus": "count", "weights": [1.0, 0.5, 2.0, 1.0, 0.25]}),
+    ("ties", {"density": 0.4, "sign_election": False}),
+    ("ties", {"density": 0.0}),
+    ("ties", {"density": 1.0, "normalize": False, "lambda": 0.7}),
+    ("breadcrumbs", {"beta": 0.6, "gamma": 0.05, "sign_election": True}),
+    ("dare", {"density": 0.4, "sign_election": True, "seed": 2}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2}),
+    ("task_arithmetic", {"sign_election": True, "consensus": "count", "normalize": False}),
+]
+
+
+def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
+    """On the CPU, TIES's masked deltas and every sign election's sums take one fused pass each
+    (_fused.topk_delta, _fused.sides_add); a GPU takes torch operations. Same bits, with NaN, inf
+    and zero deltas, float32 and float64, many chunks."""
+    from astolfo_dist.recipe.library import _fused
+
+    calls = {"topk_delta": 0, "sides_add": 0}
+    for name in calls:
+        def counted(*args, _kernel=getattr(_fused, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(_fused, name, counted)
+    gen = torch.Generator().manual_seed(5)
+    inputs = []
+    for dtype in (torch.float32, torch.float64):
+        xs = [x.to(dtype) for x in task_inputs(5, (70, 50), seed=22)]
+        for x in xs[1:]:
+            spots = torch.randperm(x.numel(), generator=gen)[:40]
+            x[spots[:10]], x[spots[10:20]], x[spots[20:30]] = math.nan, math.inf, -math.inf
+            x[spots[30:]] = xs[0][spots[30:]]
+        inputs.append(xs)
+    fused = [run_all(build(name, params, base=0), xs) for name, params in FUSED_CONFIGS for xs in inputs]
+    assert calls["topk_delta"] and calls["sides_add"]  # the fast paths ran
+    monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
+    unfused = [run_all(build(name, params, base=0), xs) for name, params in FUSED_CONFIGS for xs in inputs]
+    for (name, params), a, b in zip([c for c in FUSED_CONFIGS for _ in inputs], fused, unfused, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and bits_equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), (name, params)
+
+
 @pytest.mark.parametrize("name", ["dare", "ties"])
 @pytest.mark.parametrize("election", [False, True])
 def test_non_finite_deltas_are_dropped_and_kept_as_the_reference_does(name, election):

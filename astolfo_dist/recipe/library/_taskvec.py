@@ -157,6 +157,7 @@ class _Sides:
 
     def __init__(self, ws: Workspace, mix: torch.Tensor, consensus: str, normalized: bool) -> None:
         self.mix, self.count = mix, consensus == "count"
+        self.fused = None  # recipe.library._fused on the CPU: `add` in one pass
         self.score = ws.like("taskvec.score", mix).zero_()
         self.neg = ws.like("taskvec.neg", mix).zero_()
         self.term = ws.like("taskvec.term", mix)
@@ -166,9 +167,17 @@ class _Sides:
         if normalized:
             self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
             self.is_zero = ws.like("taskvec.is_zero", mix, torch.bool)
+        if mix.device.type == "cpu":
+            from . import _fused  # numba: loaded only where it runs
+
+            if _fused.supported(mix, self.score, self.neg):
+                self.fused = _fused
 
     def add(self, d: torch.Tensor, w: float) -> None:
         """Take in d (the caller's buffer: overwritten)."""
+        if self.fused is not None and self.fused.supported(d, self.mix):
+            self.fused.sides_add(d, self.score, self.mix, self.neg, self.count, self.weights, w)
+            return
         self.score.add_(torch.sign(d, out=self.term) if self.count else d)
         d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)  # a NaN d is on neither side
         self.mix.add_(torch.clamp(d, min=0.0, out=self.term))
@@ -266,6 +275,20 @@ class SelectingMethod(TaskVectorMethod):
         for sa, sb in zip(a.selections, b.selections, strict=True):
             for x, y in zip(sa, sb, strict=True):
                 x.merge(y)
+
+    def fused_delta(self, state: SelectionState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
+                    out: torch.Tensor, accumulate: bool) -> bool:
+        """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
+        one pass (_fused.topk_delta). Otherwise the default."""
+        sels = state.selections[j]
+        if len(sels) != 1 or x.device.type != "cpu":
+            return False
+        from . import _fused  # numba: loaded only where it runs
+
+        if not _fused.supported(out, x, base):
+            return False
+        _fused.topk_delta(out, x, base, start, sels[0].result, accumulate=accumulate)
+        return True
 
     def sparsify(self, state: SelectionState, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         sels = state.selections[j]

@@ -1,0 +1,96 @@
+"""One-pass CPU kernels (numba) for the task-vector methods' per-input work in the output.
+
+On a GPU each step is a torch kernel; on the CPU each torch operation is a pass over the
+chunk in memory, and the output of TIES ran about twenty of them per input element (sub, the
+top-k mask, the keep AND, then sign election's sums, NaN cleaning, clamps and weight counts).
+These do the same arithmetic, bit for bit, in one pass over cache-sized tiles: hand-written
+because no library fuses torch CPU operations without a C++ compiler at run time. Imported on
+first use (numba costs ~115 MiB of RSS, budget.RANDOM_KERNELS); tests pin each to its torch
+path (tests/test_methods.py).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+TILE = 4096  # elements per tile: its scratch stays in the L1 cache
+_INTS = {torch.float32: np.int32, torch.float64: np.int64}
+_SIGN_CLEARED = {torch.float32: np.int32(0x7FFFFFFF), torch.float64: np.int64(0x7FFFFFFFFFFFFFFF)}
+_NAN_KEY = {torch.float32: np.int32(0x7F800001), torch.float64: np.int64(0x7FF0000000000001)}  # stats._PATTERNS
+
+
+def supported(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these: contiguous CPU tensors of one dtype, float32 or float64."""
+    dtype = tensors[0].dtype
+    return dtype in _INTS and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.view(-1).numpy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key, buf, buf_bits):
+    n = out.shape[0]
+    for s in range(0, n, buf.shape[0]):
+        e = min(s + buf.shape[0], n)
+        m = e - s
+        xs, bs, os = x[s:e], base[s:e], out[s:e]
+        for i in range(m):
+            buf[i] = xs[i] - bs[i]
+        first = start + s
+        for i in range(m):  # stats.magnitude_bits, then TopKResult.mask: greater, or tied before the cut
+            key = min(buf_bits[i] & sign_cleared, nan_key)
+            keep = (key > threshold) | ((key == threshold) & (first + i < cut))
+            buf_bits[i] = buf_bits[i] if keep else 0  # +0.0, as keep_only's AND
+        if accumulate:
+            for i in range(m):
+                os[i] += buf[i]
+        else:
+            for i in range(m):
+                os[i] = buf[i]
+
+
+def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: int, result, *,
+               accumulate: bool) -> None:
+    """out = d, or out += d, for elements [start, start + n): d = x - base where `result` (a
+    stats.TopKResult over the deltas) keeps the element, else +0.0. Bit for bit torch.sub,
+    TopKResult.mask, keep_only and add_."""
+    if result.k == 0:
+        threshold, cut = np.iinfo(np.int64).max, 0  # none kept
+    elif result.k == result.numel:
+        threshold, cut = -1, 0  # every key is above -1
+    else:
+        threshold = result.threshold_bits
+        cut = result.cut_index if result.n_equal_to_keep else 0
+    buf = np.empty(min(TILE, max(1, out.numel())), dtype=_np(out).dtype)
+    _topk_delta(_np(x), _np(base), _np(out), accumulate, start, np.int64(threshold), np.int64(cut),
+                _SIGN_CLEARED[out.dtype], _NAN_KEY[out.dtype], buf, buf.view(_INTS[out.dtype]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w):  # pragma: no cover (compiled)
+    zero = d.dtype.type(0)
+    one = d.dtype.type(1)
+    for i in range(d.shape[0]):
+        v = d[i]
+        sign = one if v > zero else (-one if v < zero else zero)  # torch.sign: NaN -> 0
+        score[i] += sign if count else v
+        if v != v:
+            v = zero  # a NaN delta is on neither side
+        mix[i] += v if v > zero else zero
+        neg[i] += v if v < zero else zero
+        if weighted:
+            neg_w[i] += -w * (sign if sign < zero else zero)
+            pos_w[i] += w * (sign if sign > zero else zero)
+
+
+def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor, count: bool,
+              weights: tuple[torch.Tensor, torch.Tensor] | None, w: float) -> None:
+    """taskvec._Sides.add's sums in one pass: the election score, the positive and negative
+    sums and, with `weights` (positive, negative), the weights of each side. d is left as it is."""
+    pos_w, neg_w = weights if weights is not None else (mix[:0], mix[:0])
+    scalar = _np(d).dtype.type
+    _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w))
