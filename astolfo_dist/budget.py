@@ -41,9 +41,10 @@ MIN_READAHEAD = 256 << 10
 RAY_DAEMONS = 560 * MIB
 RAY_WORKER_PROCESS = 300 * MIB
 RAY_MIN_OBJECT_STORE = 80 * MIB
-# numba and the random-mask kernels (recipe/rng.py), loaded by each process that draws a mask
-# (DARE, DELLA): 147-151 MiB of RSS measured here (numba 0.68, kernels from numba's cache).
-RANDOM_KERNELS = 160 * MIB
+# numba and the compiled kernels (recipe/rng.py, recipe/library/_fused.py), loaded by each
+# process that runs a task-vector method (TIES, DARE, ...): 147-151 MiB of RSS measured here
+# (numba 0.68, kernels from numba's cache).
+NUMBA_KERNELS = 160 * MIB
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -166,11 +167,11 @@ def default_tensor_cache(device: object, sharers: int) -> int:
     return free // 2 // max(1, sharers)
 
 
-def random_kernels_bytes(plan: Plan) -> int:
-    """RANDOM_KERNELS when a method of the plan draws random masks, else 0."""
+def kernels_bytes(plan: Plan) -> int:
+    """NUMBA_KERNELS when a method of the plan may run compiled kernels, else 0."""
     from .recipe.library import REGISTRY
 
-    return RANDOM_KERNELS if any(REGISTRY[c.method].draws_random for t in plan.tensors for c in t.graph) else 0
+    return NUMBA_KERNELS if any(REGISTRY[c.method].uses_kernels for t in plan.tensors for c in t.graph) else 0
 
 
 def graph_chunks(plan: Plan) -> int:
@@ -202,7 +203,7 @@ def fit(
     """The largest configuration (up to the requested workers and chunk) within the budget."""
     budget = default_budget() if budget is None else budget
     process = psutil.Process().memory_info().rss + PROCESS_SLACK
-    kernels = random_kernels_bytes(plan)
+    kernels = kernels_bytes(plan)
     if not private_ray and "numba" not in sys.modules:
         process += kernels  # local workers are this process's threads: loaded here, once
     chunk = chunk_elems or default_chunk_elems

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_models, sha256
 
 from astolfo_dist import merge
-from astolfo_dist.budget import MIB, RANDOM_KERNELS, BudgetError, fit, parse_size, per_worker_bytes
+from astolfo_dist.budget import MIB, NUMBA_KERNELS, BudgetError, fit, parse_size, per_worker_bytes
 from astolfo_dist.cli import main
 from astolfo_dist.merge import plan_for
 from astolfo_dist.recipe import MergeRecipe
@@ -71,26 +71,26 @@ def test_tensor_cache_is_charged_on_the_cpu_up_to_what_it_can_hold(sd_models):
     assert fit(ties, 64 << 30, **kw).tensor_cache == 0 and fit(ties, 64 << 30, cuda=True, **kw).tensor_cache is None
 
 
-def test_random_methods_are_charged_their_kernels_once_per_process(sd_models, monkeypatch):
-    """DARE and DELLA load numba and the mask kernels (recipe/rng.py) in every process that draws a
-    mask: once in this process for local workers (unless it has them already), once per Ray worker
-    process with a private Ray; methods without masks are not charged."""
+def test_kernel_methods_are_charged_numba_once_per_process(sd_models, monkeypatch):
+    """Task-vector methods load numba and the compiled kernels (rng.py, _fused.py) in every process
+    that runs them: once in this process for local workers (unless it has them already), once per
+    Ray worker process with a private Ray; other methods are not charged."""
     paths = [str(p) for p in sd_models(["F16", "F16", "F16"], keys=30)]
     models, base = tuple(paths[:-1]), paths[-1]
-    ties = plan_for(MergeRecipe(models=models, base=base, method_name="ties"))
+    plain = plan_for(MergeRecipe(models=(*models, base), method_name="geometric_median"))
     kw = dict(workers=2, chunk_elems=None, default_chunk_elems=512 << 10)
 
     def local_extra(plan):
         local = dict(private_ray=False, **kw)
-        return fit(plan, 64 << 30, **local).process - fit(ties, 64 << 30, **local).process
+        return fit(plan, 64 << 30, **local).process - fit(plain, 64 << 30, **local).process
 
-    for name in ("dare", "della"):
+    for name in ("ties", "dare"):
         plan = plan_for(MergeRecipe(models=models, base=base, method_name=name))
-        ray, ray_ties = fit(plan, 64 << 30, private_ray=True, **kw), fit(ties, 64 << 30, private_ray=True, **kw)
-        assert ray.ray - ray_ties.ray == 2 * RANDOM_KERNELS
+        ray, ray_plain = fit(plan, 64 << 30, private_ray=True, **kw), fit(plain, 64 << 30, private_ray=True, **kw)
+        assert ray.ray - ray_plain.ray == 2 * NUMBA_KERNELS
         monkeypatch.delitem(sys.modules, "numba", raising=False)  # as in a fresh CLI process
         extra = local_extra(plan)
-        assert abs(extra - RANDOM_KERNELS) < 8 * MIB, extra / MIB
+        assert abs(extra - NUMBA_KERNELS) < 8 * MIB, extra / MIB
         monkeypatch.undo()
         random_u32(0, 0, "k", 0, 1)  # loads numba and the kernels here
         loaded = local_extra(plan)

@@ -696,8 +696,24 @@ def test_exact_sum_is_exact_and_order_free():
     assert math.isnan(nan.value())
 
 
+@pytest.fixture(params=["fused", "torch"])
+def selection_path(request, monkeypatch):
+    """Run a test with the CPU's fused histogram pass (_fused.digit_histogram, counted) and with
+    the torch operations a GPU runs."""
+    from astolfo_dist.recipe.library import _fused
+
+    calls = []
+    if request.param == "torch":
+        monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
+    else:
+        kernel = _fused.digit_histogram
+        monkeypatch.setattr(_fused, "digit_histogram", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    yield request.param
+    assert bool(calls) == (request.param == "fused")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_selection_matches_stats(dtype):
+def test_selection_matches_stats(dtype, selection_path):
     """The mergeable selection keeps exactly what stats.py's sequential selection keeps."""
     rnd = random.Random(2)
     torch.manual_seed(2)
@@ -731,7 +747,7 @@ def test_selection_matches_stats(dtype):
 
 
 @pytest.mark.parametrize("kind", ["float16 grid", "one value"])
-def test_a_tie_split_reads_only_the_chunk_holding_the_cut(kind):
+def test_a_tie_split_reads_only_the_chunk_holding_the_cut(kind, selection_path):
     """Deltas of float16 checkpoints tie at the threshold; the pass that settles it records
     each chunk's ties, so the index pass needs one chunk, not the tensor, and still keeps
     exactly what stats.py keeps."""

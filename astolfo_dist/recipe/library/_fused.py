@@ -5,7 +5,7 @@ chunk in memory, and the output of TIES ran about twenty of them per input eleme
 top-k mask, the keep AND, then sign election's sums, NaN cleaning, clamps and weight counts).
 These do the same arithmetic, bit for bit, in one pass over cache-sized tiles: hand-written
 because no library fuses torch CPU operations without a C++ compiler at run time. Imported on
-first use (numba costs ~115 MiB of RSS, budget.RANDOM_KERNELS); tests pin each to its torch
+first use (numba costs ~115 MiB of RSS, budget.NUMBA_KERNELS); tests pin each to its torch
 path (tests/test_methods.py).
 """
 
@@ -94,3 +94,36 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
     pos_w, neg_w = weights if weights is not None else (mix[:0], mix[:0])
     scalar = _np(d).dtype.type
     _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w))
+
+
+@numba.njit(cache=True, nogil=True)
+def _digit_histogram(bits, sign_cleared, nan_key, filtered, prefix_shift, prefix, digit_shift, digit_mask, hist,
+                     keys_out, store):  # pragma: no cover (compiled)
+    count = 0
+    kmin = nan_key
+    kmax = -1
+    for i in range(bits.shape[0]):
+        key = min(bits[i] & sign_cleared, nan_key)
+        if filtered and (key >> prefix_shift) != prefix:
+            continue
+        hist[(key >> digit_shift) & digit_mask] += 1
+        if store:
+            keys_out[count] = key
+        count += 1
+        kmin = min(kmin, key)
+        kmax = max(kmax, key)
+    return count, kmin, kmax
+
+
+def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_bits: int, hist: torch.Tensor,
+                    keys_out: torch.Tensor | None) -> tuple[int, int, int]:
+    """Selection.feed's magnitude pass in one pass over x (float32 or float64, CPU): the keys
+    (stats.magnitude_bits) whose top `known` bits are `prefix` add their next `digit_bits`
+    bits' digit to `hist`; with `keys_out`, they are also written there in element order.
+    Returns (how many keys share the prefix, their smallest, their largest; -1 for none)."""
+    ints = _INTS[x.dtype]
+    out = _np(keys_out) if keys_out is not None else np.empty(0, dtype=ints)
+    count, kmin, kmax = _digit_histogram(
+        _np(x).view(ints), _SIGN_CLEARED[x.dtype], _NAN_KEY[x.dtype], known > 0, width - known, prefix,
+        width - known - digit_bits, (1 << digit_bits) - 1, _np(hist), out, keys_out is not None)
+    return int(count), int(kmin), int(kmax)

@@ -182,6 +182,12 @@ class Selection:
         # Keys in int32 where they fit (half the memory traffic of int64), index keys of the tie
         # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
         key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
+        if self.stage == "magnitude" and not self.collect and x.device.type == "cpu":
+            from . import _fused  # numba: loaded only where it runs
+
+            if _fused.supported(x):
+                self._feed_histogram_fused(_fused, x.reshape(-1), start, scratch("select.picked", key_int))
+                return
         bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits
@@ -207,7 +213,7 @@ class Selection:
             return
         digit_bits = self._digit_bits()
         if self.stage == "magnitude":
-            self._record_chunk(start, n, keys, final=self.known + digit_bits == width)
+            self._record_chunk(start, n, keys.numel(), keys, final=self.known + digit_bits == width)
         bins = 1 << digit_bits
         digits = scratch("select.digits", keys.dtype)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
@@ -217,6 +223,19 @@ class Selection:
         self.hist.index_add_(0, digits, ones.expand(digits.numel()))  # integer sums: any order, same counts
         if keys.numel():
             self._see(*torch.aminmax(keys))
+
+    def _feed_histogram_fused(self, fused, x: torch.Tensor, start: int, keys_buffer: torch.Tensor) -> None:
+        """The magnitude histogram pass of `feed` in one pass over the chunk (_fused.digit_histogram):
+        the same counts, extremes and records as the torch operations it stands for."""
+        width, digit_bits = self._width(), self._digit_bits()
+        final = self.known + digit_bits == width
+        keys_out = keys_buffer if final and self.known and self.chunk_keys else None  # what _record_chunk reads
+        if self.hist is None:
+            self.hist = torch.zeros(1 << digit_bits, dtype=self._count_dtype())
+        count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out)
+        self._record_chunk(start, x.numel(), count, None if keys_out is None else keys_out[:count], final=final)
+        if count:
+            self._see(torch.tensor(lo), torch.tensor(hi))
 
     def wants(self, start: int, n: int) -> bool:
         """Whether a pass needs elements [start, start + n) at all (a caller may skip the read)."""
@@ -233,13 +252,14 @@ class Selection:
         n = self.grid[start]
         return None if self.wants(start, n) else n
 
-    def _record_chunk(self, start: int, n: int, keys: torch.Tensor, *, final: bool) -> None:
-        """Note how many keys of this chunk share the prefix and, if this pass settles the key
-        (its digit is the last), which distinct keys they are: few when inputs are float16 or
-        bfloat16 (their deltas lie on a coarse grid), which is also when ties are many."""
+    def _record_chunk(self, start: int, n: int, count: int, keys: torch.Tensor | None, *, final: bool) -> None:
+        """Note how many keys of this chunk share the prefix (`count`; `keys`: those keys, when
+        at hand) and, if this pass settles the key (its digit is the last), which distinct keys
+        they are: few when inputs are float16 or bfloat16 (their deltas lie on a coarse grid),
+        which is also when ties are many."""
         uniq = counts = None
         # Only a prefix-filtered few: a whole chunk's distinct keys would cost a sort of it.
-        if final and self.chunk_keys and self.known and keys.numel() <= n // 8:
+        if final and self.chunk_keys and self.known and keys is not None and count <= n // 8:
             uniq, counts = torch.unique(keys, return_counts=True)
             uniq, counts = uniq.to("cpu", torch.int64), counts.cpu()
             if sum(c[3].numel() for c in self.chunks if c[3] is not None) + uniq.numel() > self.keys_cap:
@@ -247,7 +267,7 @@ class Selection:
         if uniq is None and self.chunk_keys and final:  # without this chunk's keys, none are of use
             self.chunk_keys = False
             self.chunks = [(a, b, m, None, None) for a, b, m, _, _ in self.chunks]
-        self.chunks.append((start, n, keys.numel(), uniq, counts))
+        self.chunks.append((start, n, count, uniq, counts))
 
     def _ties_per_chunk(self, key: int, single: bool) -> list[tuple[int, int, int]] | None:
         """(start, n, elements of the chunk equal to `key`) for every chunk of the settling pass,

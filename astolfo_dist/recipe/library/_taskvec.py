@@ -94,6 +94,7 @@ class TaskVectorMethod(Method):
     """A method whose output is `combine` over (optionally sparsified) task vectors."""
 
     uses_base = True
+    uses_kernels = True  # the fused CPU passes (_fused.py, rng.drop_delta_) and DARE's and DELLA's masks
     scratch_chunks = 12
     min_inputs = 2
 

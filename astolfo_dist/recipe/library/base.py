@@ -195,9 +195,9 @@ class Method(ABC, Generic[P, S]):
     # graph node and per worker (tests/test_workspace.py checks the bound).
     scratch_chunks: ClassVar[int] = 0
     uses_base: ClassVar[bool] = False
-    # True: draws masks from recipe/rng.py, whose compiled kernels cost a process
-    # budget.RANDOM_KERNELS of memory the first time (numba).
-    draws_random: ClassVar[bool] = False
+    # True: may run compiled CPU kernels (recipe/rng.py, library/_fused.py), which cost a
+    # process budget.NUMBA_KERNELS of memory the first time (numba).
+    uses_kernels: ClassVar[bool] = False
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = None
 

@@ -39,7 +39,6 @@ class DareParams(TaskVectorParams):
 class Dare(TaskVectorMethod):
     name = "dare"
     params_type = DareParams
-    draws_random = True
 
     def sparsify(self, state: State, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         p: DareParams = self.params

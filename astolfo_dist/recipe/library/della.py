@@ -82,7 +82,6 @@ class DellaState(State):
 class Della(TaskVectorMethod):
     name = "della"
     params_type = DellaParams
-    draws_random = True
 
     @property
     def tensor_passes(self) -> int:
