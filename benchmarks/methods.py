@@ -267,6 +267,12 @@ def phase(frames: list[str]) -> str:
     has = set(names).__contains__
     if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") for n in names):
         return "read inputs: pread + fp16->fp32 copy"
+    if has("drop_delta_"):
+        return "combine: dare fused delta (sub, Philox mask, rescale, add)"
+    if has("topk_delta"):
+        return "combine: ties fused masked delta (sub, top-k mask)"
+    if has("sides_add"):
+        return "combine: fused sign election sums"
     if has("random_u32") or has("uniform01"):
         return "Philox RNG: rng.random_u32"
     if has("bernoulli_mask"):
@@ -282,6 +288,8 @@ def phase(frames: list[str]) -> str:
             return "selection passes: magnitude patterns of the delta"
         if callee.endswith("positions"):
             return "selection passes: nonzero (prefix filter, tie positions)"
+        if callee == "Selection._feed_histogram_fused":
+            return "selection passes: fused histogram (digit_histogram)"
         if callee == "Selection._record_chunk":
             return "selection passes: per-chunk tie records"
         src = _source(frames[i])
@@ -409,13 +417,15 @@ def _best_s(fn, reps: int = 15) -> float:
 
 def _kernels(n: int) -> dict:
     """The kernels behind each method on one chunk of n elements (float32, like the accumulator)."""
+    from astolfo_dist.recipe.library import _fused
     from astolfo_dist.recipe.library._exact import ExactSum, exact_dot
     from astolfo_dist.recipe.library._select import Selection
-    from astolfo_dist.recipe.rng import bernoulli_mask
+    from astolfo_dist.recipe.rng import bernoulli_mask, drop_delta_
 
     gen = torch.Generator().manual_seed(0)
     x16 = (torch.randn(n, generator=gen) * 0.5).half()
-    x, y = torch.randn(n, generator=gen), torch.empty(n)
+    x, y, z = torch.randn(n, generator=gen), torch.empty(n), torch.randn(n, generator=gen)
+    score, neg = torch.zeros(n), torch.zeros(n)
 
     def feed(later: bool):
         sel = Selection(n * 64, n * 13, inert_zeros=True)  # a histogram pass, whatever n is
@@ -436,10 +446,17 @@ def _kernels(n: int) -> dict:
     acc = ExactSum()
     return {
         "uniform, per input: fp16 -> fp32 copy_ + add_": lambda: y.copy_(x16).add_(x),
-        "dare, per input: Philox keep mask (bernoulli_mask)": lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
+        "dare, per input: fused delta on the CPU (rng.drop_delta_)":
+            lambda: drop_delta_(y, x, z, 1, 0, "key", 0, 0.3, 0.3, accumulate=True),
+        "dare, per input: Philox keep mask, the GPU's path (bernoulli_mask)":
+            lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
         "ties, per input and pass: Selection.feed, first pass (histogram)": feed(False),
         "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(True),
-        "ties, per input, in output: Selection.mask": lambda: settled.mask(x, 0),
+        "ties, per input, in output: fused masked delta on the CPU (_fused.topk_delta)":
+            lambda: _fused.topk_delta(y, x, z, 0, settled.result, accumulate=False),
+        "ties, per input, in output: fused election sums on the CPU (_fused.sides_add)":
+            lambda: _fused.sides_add(x, score, y, neg, False, None, 1.0),
+        "ties, per input, in output: Selection.mask (the GPU's path)": lambda: settled.mask(x, 0),
         "geometric_median, per input and iteration: exact_dot(d, d)": lambda: exact_dot(x, x, acc),
     }
 
