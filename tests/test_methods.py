@@ -442,6 +442,25 @@ def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
         assert torch.equal(a.isnan(), b.isnan()) and bits_equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), (name, params)
 
 
+def test_fused_kernels_refuse_mismatched_buffers():
+    """The kernels index without bounds checks (numba): their wrappers refuse what would overrun."""
+    from astolfo_dist.recipe.library import _fused
+
+    sel = Selection(10, 3)
+    while not sel.done:
+        sel.feed(torch.arange(10.0), 0)
+        sel.end_pass()
+    ten, three = torch.zeros(10), torch.zeros(3)
+    with pytest.raises(ValueError, match="sizes differ"):
+        _fused.topk_delta(ten, three, ten, 0, sel.result, accumulate=False)
+    with pytest.raises(ValueError, match="sizes differ"):
+        _fused.sides_add(ten, three, ten.clone(), ten.clone(), False, None, 1.0)
+    with pytest.raises(ValueError, match="bins"):
+        _fused.digit_histogram(ten, 0, 0, 31, 16, torch.zeros(8, dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="key slots"):
+        _fused.digit_histogram(ten, 16, 0, 31, 15, torch.zeros(1 << 15, dtype=torch.int32), three.int())
+
+
 @pytest.mark.parametrize("name", ["dare", "ties"])
 @pytest.mark.parametrize("election", [False, True])
 def test_non_finite_deltas_are_dropped_and_kept_as_the_reference_does(name, election):
@@ -700,16 +719,21 @@ def test_exact_sum_is_exact_and_order_free():
 def selection_path(request, monkeypatch):
     """Run a test with the CPU's fused histogram pass (_fused.digit_histogram, counted) and with
     the torch operations a GPU runs."""
-    from astolfo_dist.recipe.library import _fused
+    from astolfo_dist.recipe.library import _fused, _select
 
-    calls = []
+    calls = {"digit_histogram": 0, "magnitude_bits": 0}
+    for module, name in ((_fused, "digit_histogram"), (_select, "magnitude_bits")):
+        def counted(*args, _kernel=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
     if request.param == "torch":
         monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
-    else:
-        kernel = _fused.digit_histogram
-        monkeypatch.setattr(_fused, "digit_histogram", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     yield request.param
-    assert bool(calls) == (request.param == "fused")
+    if request.param == "torch":
+        assert calls["digit_histogram"] == 0 and calls["magnitude_bits"] > 0
+    else:
+        assert calls["digit_histogram"] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

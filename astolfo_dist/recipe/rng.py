@@ -197,7 +197,8 @@ def drop_delta_(
     too). out, x and base: contiguous CPU tensors of one dtype, float32 or float64.
 
     Bit for bit torch.sub, keep_only(bernoulli_mask(..., p)), div_ and add_, in one pass
-    (DARE's delta on the CPU).
+    (DARE's delta on the CPU), NaN payloads aside (where x and base are both NaN, torch.sub
+    keeps base's payload and this x's; see library/_fused.py).
     """
     tensors = (out, x, base)
     if any(t.device.type != "cpu" or t.dtype != out.dtype or not t.is_contiguous() for t in tensors) or (

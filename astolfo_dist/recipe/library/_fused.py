@@ -3,7 +3,10 @@
 On a GPU each step is a torch kernel; on the CPU each torch operation is a pass over the
 chunk in memory, and the output of TIES ran about twenty of them per input element (sub, the
 top-k mask, the keep AND, then sign election's sums, NaN cleaning, clamps and weight counts).
-These do the same arithmetic, bit for bit, in one pass over cache-sized tiles: hand-written
+These do the same arithmetic, bit for bit, in one pass over cache-sized tiles (NaN payloads
+aside: where both operands of a subtraction are NaN, torch keeps the second's payload and these
+the first's; a NaN stays a NaN in the same place, and the merge's final add of the base makes
+the payload the base's again on both paths): hand-written
 because no library fuses torch CPU operations without a C++ compiler at run time. Imported on
 first use (numba costs ~115 MiB of RSS, budget.NUMBA_KERNELS); tests pin each to its torch
 path (tests/test_methods.py).
@@ -29,6 +32,12 @@ def supported(*tensors: torch.Tensor) -> bool:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.view(-1).numpy()
+
+
+def _same_size(what: str, *tensors: torch.Tensor) -> None:
+    """The kernels index without bounds checks: refuse mismatched buffers up front."""
+    if len({t.numel() for t in tensors}) > 1:
+        raise ValueError(f"{what}: sizes differ: {', '.join(str(t.numel()) for t in tensors)}")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -58,6 +67,7 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
     """out = d, or out += d, for elements [start, start + n): d = x - base where `result` (a
     stats.TopKResult over the deltas) keeps the element, else +0.0. Bit for bit torch.sub,
     TopKResult.mask, keep_only and add_."""
+    _same_size("topk_delta", out, x, base)
     if result.k == 0:
         threshold, cut = np.iinfo(np.int64).max, 0  # none kept
     elif result.k == result.numel:
@@ -91,7 +101,8 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
               weights: tuple[torch.Tensor, torch.Tensor] | None, w: float) -> None:
     """taskvec._Sides.add's sums in one pass: the election score, the positive and negative
     sums and, with `weights` (positive, negative), the weights of each side. d is left as it is."""
-    pos_w, neg_w = weights if weights is not None else (mix[:0], mix[:0])
+    pos_w, neg_w = weights if weights is not None else (mix, mix)  # not read without weights
+    _same_size("sides_add", d, score, mix, neg, pos_w, neg_w)
     scalar = _np(d).dtype.type
     _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w))
 
@@ -122,6 +133,8 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
     bits' digit to `hist`; with `keys_out`, they are also written there in element order.
     Returns (how many keys share the prefix, their smallest, their largest; -1 for none)."""
     ints = _INTS[x.dtype]
+    if hist.numel() != 1 << digit_bits or (keys_out is not None and keys_out.numel() < x.numel()):
+        raise ValueError(f"digit_histogram: {hist.numel()} bins for {digit_bits} bits, or too few key slots")
     out = _np(keys_out) if keys_out is not None else np.empty(0, dtype=ints)
     count, kmin, kmax = _digit_histogram(
         _np(x).view(ints), _SIGN_CLEARED[x.dtype], _NAN_KEY[x.dtype], known > 0, width - known, prefix,

@@ -39,7 +39,7 @@ import torch
 
 from ..workspace import Workspace
 from ._select import MAX_PASSES, Selection, chunk_keys_cap, hist_bits_for
-from .base import Method, Params, Read, State, input_weights
+from .base import Method, Params, Read, State, divide_, input_weights
 
 CONSENSUS = ("sum", "count")
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -108,7 +108,8 @@ class TaskVectorMethod(Method):
     def fused_delta(self, state: State, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """Optional fast path: out = sparsify(x - base), or out += it with `accumulate`, in one
-        pass, bit for bit the default's sub, sparsify and add. False: none here, use the default."""
+        pass, bit for bit the default's sub, sparsify and add (NaN payloads aside: _fused.py).
+        False: none here, use the default."""
         return False
 
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
@@ -138,7 +139,7 @@ class TaskVectorMethod(Method):
             sides.elect()
         elif p.normalized:
             total = _ordered_sum(weights)
-            mix.div_(total if total != 0.0 else 1.0)
+            divide_(mix, total if total != 0.0 else 1.0)
         mix.mul_(p.lambda_)
         mix.add_(base)
 
@@ -282,7 +283,8 @@ class SelectingMethod(TaskVectorMethod):
         """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
         one pass (_fused.topk_delta). Otherwise the default."""
         sels = state.selections[j]
-        if len(sels) != 1 or x.device.type != "cpu":
+        overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
+        if len(sels) != 1 or overridden or x.device.type != "cpu" or sels[0].result.dtype not in (None, x.dtype):
             return False
         from . import _fused  # numba: loaded only where it runs
 

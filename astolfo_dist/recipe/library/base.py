@@ -329,6 +329,15 @@ class Method(ABC, Generic[P, S]):
         return f"{type(self).__name__}({self.params!r}{base})"
 
 
+def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x /= divisor, in place, as an IEEE division of x's dtype on every device.
+
+    On CUDA, div_ by a Python number multiplies by its reciprocal (torch's
+    div_true_kernel_cuda), one ulp off the CPU's quotient for a quarter of the elements when
+    dividing by 0.3; a divisor tensor on x's device is divided by, as on the CPU."""
+    return x.div_(torch.full((), divisor, dtype=x.dtype, device=x.device))
+
+
 def input_weights(method: str, weights: tuple[float, ...] | None, count: int) -> tuple[float, ...]:
     """`weights` checked against the number of inputs they apply to (None: all 1.0)."""
     if weights is None:

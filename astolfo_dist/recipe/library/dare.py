@@ -18,7 +18,7 @@ import torch
 
 from ..rng import bernoulli_mask, drop_delta_
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
-from .base import State
+from .base import State, divide_
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,19 @@ class Dare(TaskVectorMethod):
         keep = bernoulli_mask(p.seed, i, state.key, start, delta.numel(), p.density, device=delta.device)
         keep_only(delta, keep, self.workspace)
         if p.rescale:
-            delta.div_(p.density)
+            divide_(delta, p.density)
 
     def fused_delta(self, state: State, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU: subtract, draw, compare, drop, rescale (and add) in one pass (rng.drop_delta_);
-        2.0 against 1.2 ns per element here. On a GPU, the default (a host mask, then torch)."""
+        0.9 ns per input element against ~3 ns for the default here. On a GPU, the default (a host
+        mask, then torch)."""
         p: DareParams = self.params
         if x.device.type != "cpu" or p.density == 1.0:
+            return False
+        from . import _fused  # numba: loaded only where it runs
+
+        if not _fused.supported(out, x, base):
             return False
         drop_delta_(out, x, base, p.seed, i, state.key, start, p.density, p.density if p.rescale else None,
                     accumulate=accumulate)

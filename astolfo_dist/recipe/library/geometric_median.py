@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from ._exact import ExactSum, exact_dot
-from .base import Method, Params, Read, State
+from .base import Method, Params, Read, State, divide_
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class GeometricMedian(Method[GeometricMedianParams, GeometricMedianState]):
         total = 0.0
         for w in weights:
             total += w
-        return out.div_(total)
+        return divide_(out, total)
 
     def _observe(self, state: GeometricMedianState, start: int, read: Read) -> int:
         z = self._estimate(state.weights, read, None)

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from ._exact import ExactSum, exact_dot
-from .base import Method, Params, Read, State
+from .base import Method, Params, Read, State, divide_
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,6 @@ class ModelStock(Method[ModelStockParams, ModelStockState]):
         out.copy_(read(others[0]))
         for i in others[1:]:
             out.add_(read(i))
-        out.div_(len(others))
+        divide_(out, len(others))
         out.mul_(state.t)
         out.add_(torch.mul(read(self.base), 1.0 - state.t, out=self.workspace.like("model_stock.term", out)))

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Params, Read, State
+from .base import Method, Params, Read, State, divide_
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,4 @@ class Uniform(Method[UniformParams, State]):
         for i in range(1, state.n_inputs):
             out.add_(read(i))
         if state.n_inputs > 1:
-            out.div_(state.n_inputs)
+            divide_(out, state.n_inputs)

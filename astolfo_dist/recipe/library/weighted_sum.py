@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from ...errors import UsageError
-from .base import Method, Params, Read, State, input_weights
+from .base import Method, Params, Read, State, divide_, input_weights
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class WeightedSum(Method[WeightedSumParams, State]):
             for i in range(1, state.n_inputs):
                 out.add_(torch.mul(read(i), weights[i], out=tmp))
         if self.params.normalize:
-            out.div_(_ordered_sum(weights))
+            divide_(out, _ordered_sum(weights))
 
 
 def _ordered_sum(values: tuple[float, ...]) -> float:
