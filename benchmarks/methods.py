@@ -77,6 +77,7 @@ def method_specs(paths: list[Path]) -> dict[str, list[str]]:
         "uniform_library": [*every, "--method", "uniform"],
         "ties": [*others, "--base", base, "--method", "ties", "--set", "density=0.2"],
         "dare": [*others, "--base", base, "--method", "dare", "--set", "density=0.3", "--set", "seed=1"],
+        "della": [*others, "--base", base, "--method", "della", "--set", "density=0.3", "--set", "seed=1"],
         "geometric_median": [*every, "--method", "geometric_median"],
     }
 
@@ -86,6 +87,7 @@ METHOD_NOTES = {
     "uniform_library": "--method uniform: the same average through the method library",
     "ties": "--method ties --set density=0.2; 7 models + --base (8 files)",
     "dare": "--method dare --set density=0.3 --set seed=1; 7 models + --base (8 files)",
+    "della": "--method della --set density=0.3 --set seed=1 (epsilon 0.15, sign election); 7 models + --base",
     "geometric_median": "--method geometric_median (defaults: maxiter 100, tol 1e-6)",
 }
 

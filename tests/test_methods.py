@@ -409,17 +409,19 @@ FUSED_CONFIGS = [
     ("breadcrumbs", {"beta": 0.6, "gamma": 0.05, "sign_election": True}),
     ("dare", {"density": 0.4, "sign_election": True, "seed": 2}),
     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2}),
+    ("della", {"density": 0.3, "epsilon": 0.0, "sign_election": False, "seed": 4}),
+    ("della", {"density": 0.6, "epsilon": 0.3, "rescale": False, "weights": [1.0, 0.5, 2.0, 1.0, 0.25], "seed": 4}),
     ("task_arithmetic", {"sign_election": True, "consensus": "count", "normalize": False}),
 ]
 
 
 def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
-    """On the CPU, TIES's masked deltas and every sign election's sums take one fused pass each
-    (_fused.topk_delta, _fused.sides_add); a GPU takes torch operations. Same bits, with NaN, inf
+    """On the CPU, TIES's and DELLA's deltas and every sign election's sums take one fused pass
+    each (_fused.topk_delta, della_delta, sides_add); a GPU takes torch operations. Same bits, with NaN, inf
     and zero deltas, float32 and float64, many chunks."""
     from astolfo_dist.recipe.library import _fused
 
-    calls = {"topk_delta": 0, "sides_add": 0}
+    calls = {"topk_delta": 0, "sides_add": 0, "della_delta": 0}
     for name in calls:
         def counted(*args, _kernel=getattr(_fused, name), _name=name, **kwargs):
             calls[_name] += 1
@@ -435,7 +437,7 @@ def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
             x[spots[30:]] = xs[0][spots[30:]]
         inputs.append(xs)
     fused = [run_all(build(name, params, base=0), xs) for name, params in FUSED_CONFIGS for xs in inputs]
-    assert calls["topk_delta"] and calls["sides_add"]  # the fast paths ran
+    assert all(calls.values()), calls  # the fast paths ran
     monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
     unfused = [run_all(build(name, params, base=0), xs) for name, params in FUSED_CONFIGS for xs in inputs]
     for (name, params), a, b in zip([c for c in FUSED_CONFIGS for _ in inputs], fused, unfused, strict=True):

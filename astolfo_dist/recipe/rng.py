@@ -62,7 +62,8 @@ def stream_key(seed: int, input_index: int, key: str) -> tuple[int, int, int, in
     return tuple(int.from_bytes(d[i : i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
 
 
-def _stream(seed: int, input_index: int, key: str) -> np.ndarray:
+def stream(seed: int, input_index: int, key: str) -> np.ndarray:
+    """stream_key as a uint32 array: what the Philox kernels (recipe/_philox.py) take."""
     return np.array(stream_key(seed, input_index, key), dtype=np.uint32)
 
 
@@ -86,7 +87,7 @@ def random_u32(seed: int, input_index: int, key: str, start: int, count: int) ->
     first = start // WORDS_PER_BLOCK
     blocks = (start + count - 1) // WORDS_PER_BLOCK - first + 1
     words = np.empty(WORDS_PER_BLOCK * blocks, dtype=np.uint32)
-    fill(_stream(seed, input_index, key), first, blocks, words)
+    fill(stream(seed, input_index, key), first, blocks, words)
     offset = start - WORDS_PER_BLOCK * first
     return words[offset : offset + count]
 
@@ -214,6 +215,6 @@ def drop_delta_(
 
         arrays = [t.view(-1).numpy() for t in tensors]
         scalar = arrays[0].dtype.type
-        drop_delta(arrays[1], arrays[2], arrays[0], accumulate, _stream(seed, input_index, key), start,
+        drop_delta(arrays[1], arrays[2], arrays[0], accumulate, stream(seed, input_index, key), start,
                    np.uint64(keep_threshold(p)), scalar(1.0 if divisor is None else divisor), divisor is not None)
     return out

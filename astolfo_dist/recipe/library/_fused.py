@@ -18,6 +18,8 @@ import numba
 import numpy as np
 import torch
 
+from .._philox import WORDS_PER_BLOCK, fill
+
 TILE = 4096  # elements per tile: its scratch stays in the L1 cache
 _INTS = {torch.float32: np.int32, torch.float64: np.int64}
 _SIGN_CLEARED = {torch.float32: np.int32(0x7FFFFFFF), torch.float64: np.int64(0x7FFFFFFFFFFFFFFF)}
@@ -127,16 +129,60 @@ def _digit_histogram(bits, sign_cleared, nan_key, filtered, prefix_shift, prefix
 
 
 def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_bits: int, hist: torch.Tensor,
-                    keys_out: torch.Tensor | None) -> tuple[int, int, int]:
+                    keys_out: torch.Tensor | None, *, clamp_nan: bool = True) -> tuple[int, int, int]:
     """Selection.feed's magnitude pass in one pass over x (float32 or float64, CPU): the keys
     (stats.magnitude_bits) whose top `known` bits are `prefix` add their next `digit_bits`
     bits' digit to `hist`; with `keys_out`, they are also written there in element order.
-    Returns (how many keys share the prefix, their smallest, their largest; -1 for none)."""
+    Returns (how many keys share the prefix, their smallest, their largest; -1 for none).
+    Without `clamp_nan`, a NaN's key is its pattern as it is (della.magnitude_bins), not one
+    pattern above inf."""
     ints = _INTS[x.dtype]
     if hist.numel() != 1 << digit_bits or (keys_out is not None and keys_out.numel() < x.numel()):
         raise ValueError(f"digit_histogram: {hist.numel()} bins for {digit_bits} bits, or too few key slots")
     out = _np(keys_out) if keys_out is not None else np.empty(0, dtype=ints)
     count, kmin, kmax = _digit_histogram(
-        _np(x).view(ints), _SIGN_CLEARED[x.dtype], _NAN_KEY[x.dtype], known > 0, width - known, prefix,
+        _np(x).view(ints), _SIGN_CLEARED[x.dtype], _NAN_KEY[x.dtype] if clamp_nan else _SIGN_CLEARED[x.dtype],
+        known > 0, width - known, prefix,
         width - known - digit_bits, (1 << digit_bits) - 1, _np(hist), out, keys_out is not None)
     return int(count), int(kmin), int(kmax)
+
+
+@numba.njit(cache=True, nogil=True)
+def _della_delta(x, base, out, accumulate, stream, start, probs, rescale, buf, narrow, narrow_bits, words):
+    n = out.shape[0]
+    zero = out.dtype.type(0)
+    tile = buf.shape[0]
+    for s in range(0, n, tile):
+        e = min(s + tile, n)
+        first = (start + s) // WORDS_PER_BLOCK
+        last = (start + e - 1) // WORDS_PER_BLOCK
+        fill(stream, first, last - first + 1, words)
+        w = words[start + s - WORDS_PER_BLOCK * first :]
+        xs, bs, os = x[s:e], base[s:e], out[s:e]
+        for i in range(e - s):
+            d = xs[i] - bs[i]
+            buf[i] = d
+            narrow[i] = np.float32(d)
+        for i in range(e - s):
+            p = probs[(narrow_bits[i] & 0x7FFFFFFF) >> 19]  # della.magnitude_bins: the top 12 bits
+            d = buf[i] / out.dtype.type(p) if rescale else buf[i]
+            kept = d if np.float64(w[i]) * 2.0**-32 < p else zero  # rng.bernoulli_mask, then keep_only
+            if accumulate:
+                os[i] += kept
+            else:
+                os[i] = kept
+
+
+def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: np.ndarray, start: int,
+                probs: np.ndarray, *, rescale: bool, accumulate: bool) -> None:
+    """DELLA's delta in one pass: d = x - base, kept where u < p (u from `stream`, rng.py; p =
+    probs[della.magnitude_bins(d)], float64), divided by p in d's dtype with `rescale`, else
+    +0.0; out = it, or out += it. Bit for bit della.sparsify's torch path (NaN payloads aside)."""
+    _same_size("della_delta", out, x, base)
+    if probs.shape != (4096,) or probs.dtype != np.float64:
+        raise ValueError(f"della_delta: expected 4096 float64 probabilities, got {probs.shape} {probs.dtype}")
+    tile = min(TILE, max(1, out.numel()))
+    narrow = np.empty(tile, dtype=np.float32)
+    _della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, probs, rescale,
+                 np.empty(tile, dtype=_np(out).dtype), narrow, narrow.view(np.int32),
+                 np.empty(tile + 2 * WORDS_PER_BLOCK, dtype=np.uint32))

@@ -29,9 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
-from ..rng import bernoulli_mask
+from ..rng import bernoulli_mask, stream
 from ..workspace import Workspace
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
 from .base import Read, State
@@ -96,11 +97,19 @@ class Della(TaskVectorMethod):
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
         delta = ws.like("taskvec.delta", base)
+        fused = None
+        if delta.device.type == "cpu" and delta.dtype == torch.float32:  # bins are float32 patterns
+            from . import _fused  # numba: loaded only where it runs
+
+            fused = _fused if _fused.supported(delta) else None
         for j, i in enumerate(self.others(state.n_inputs)):
             torch.sub(read(i), base, out=delta)
-            bins = magnitude_bins(delta, ws)
             if state.hist[j] is None:  # on the chunks' device until end_pass: no host wait per chunk
-                state.hist[j] = torch.zeros(1 << BIN_BITS, dtype=torch.int64, device=bins.device)
+                state.hist[j] = torch.zeros(1 << BIN_BITS, dtype=torch.int64, device=delta.device)
+            if fused is not None:  # magnitude_bins and the count in one pass
+                fused.digit_histogram(delta, 0, 0, 31, BIN_BITS, state.hist[j], None, clamp_nan=False)
+                continue
+            bins = magnitude_bins(delta, ws)
             state.hist[j].index_add_(0, bins, torch.ones(1, dtype=torch.int64, device=bins.device).expand(bins.numel()))
         return base.numel()
 
@@ -124,6 +133,21 @@ class Della(TaskVectorMethod):
         state.probs = probs
         state.hist = []
         state.done = True
+
+    def fused_delta(self, state: DellaState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
+                    out: torch.Tensor, accumulate: bool) -> bool:
+        """On the CPU: subtract, bin, draw, drop and rescale (and add) in one pass (_fused.della_delta)."""
+        if x.device.type != "cpu":
+            return False
+        from . import _fused  # numba: loaded only where it runs
+
+        if not _fused.supported(out, x, base):
+            return False
+        p: DellaParams = self.params
+        probs = state.probs[j].numpy() if state.probs else np.full(1 << BIN_BITS, p.density)
+        _fused.della_delta(out, x, base, stream(p.seed, i, state.key), start, probs, rescale=p.rescale,
+                           accumulate=accumulate)
+        return True
 
     def sparsify(self, state: DellaState, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         p: DellaParams = self.params
