@@ -148,7 +148,8 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
 
 
 @numba.njit(cache=True, nogil=True)
-def _della_delta(x, base, out, accumulate, stream, start, probs, rescale, buf, narrow, narrow_bits, words):
+def _della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, rescale, buf, narrow, narrow_bits,
+                 divs, keep, words):  # pragma: no cover (compiled)
     n = out.shape[0]
     zero = out.dtype.type(0)
     tile = buf.shape[0]
@@ -163,10 +164,17 @@ def _della_delta(x, base, out, accumulate, stream, start, probs, rescale, buf, n
             d = xs[i] - bs[i]
             buf[i] = d
             narrow[i] = np.float32(d)
+        # The lookups first (gathers), then the division and the sum in loops that vectorise:
+        # with the division in the gather loop it took 5.5 ns per element, 1.8 without rescale.
         for i in range(e - s):
-            p = probs[(narrow_bits[i] & 0x7FFFFFFF) >> 19]  # della.magnitude_bins: the top 12 bits
-            d = buf[i] / out.dtype.type(p) if rescale else buf[i]
-            kept = d if np.float64(w[i]) * 2.0**-32 < p else zero  # rng.bernoulli_mask, then keep_only
+            b = (narrow_bits[i] & 0x7FFFFFFF) >> 19  # della.magnitude_bins: the top 12 bits
+            keep[i] = w[i] < thresholds[b]  # rng.bernoulli_mask's u < p, as rng.keep_threshold
+            divs[i] = divisors[b]
+        if rescale:
+            for i in range(e - s):
+                buf[i] = buf[i] / divs[i]
+        for i in range(e - s):
+            kept = buf[i] if keep[i] else zero  # keep_only: +0.0, NaN and inf too
             if accumulate:
                 os[i] += kept
             else:
@@ -183,6 +191,10 @@ def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: 
         raise ValueError(f"della_delta: expected 4096 float64 probabilities, got {probs.shape} {probs.dtype}")
     tile = min(TILE, max(1, out.numel()))
     narrow = np.empty(tile, dtype=np.float32)
-    _della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, probs, rescale,
-                 np.empty(tile, dtype=_np(out).dtype), narrow, narrow.view(np.int32),
-                 np.empty(tile + 2 * WORDS_PER_BLOCK, dtype=np.uint32))
+    divisors = probs.astype(_np(out).dtype)  # p in d's dtype, as torch's div_(prob.to(delta.dtype))
+    # rng.keep_threshold of every bin: u32 < T exactly when u32 * 2**-32 < p (p * 2**32 is exact).
+    thresholds = np.nan_to_num(np.ceil(np.clip(probs * 2.0**32, 0.0, 2.0**32)), nan=0.0).astype(np.uint64)
+    dtype = _np(out).dtype
+    _della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, thresholds, divisors, rescale,
+                 np.empty(tile, dtype=dtype), narrow, narrow.view(np.int32), np.empty(tile, dtype=dtype),
+                 np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * WORDS_PER_BLOCK, dtype=np.uint32))
