@@ -273,8 +273,12 @@ def phase(frames: list[str]) -> str:
         return "combine: dare fused delta (sub, Philox mask, rescale, add)"
     if has("topk_delta"):
         return "combine: ties fused masked delta (sub, top-k mask)"
+    if has("della_delta"):
+        return "combine: della fused delta (sub, rank bin, Philox mask, rescale)"
     if has("sides_add"):
         return "combine: fused sign election sums"
+    if has("digit_histogram") and not has("Selection.feed"):
+        return "statistic pass: della fused rank histogram (digit_histogram)"
     if has("random_u32") or has("uniform01"):
         return "Philox RNG: rng.random_u32"
     if has("bernoulli_mask"):
