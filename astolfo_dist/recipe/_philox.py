@@ -44,6 +44,16 @@ def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True, nogil=True)
+def tile_words(stream, start, count, words):  # pragma: no cover (compiled)
+    """The words of elements [start, start + count) of `stream`, as a view into `words` (which
+    holds count + 2 * WORDS_PER_BLOCK at least): the blocks that cover them, from the first."""
+    first = start // WORDS_PER_BLOCK
+    last = (start + count - 1) // WORDS_PER_BLOCK
+    fill(stream, first, last - first + 1, words)
+    return words[start - WORDS_PER_BLOCK * first :]
+
+
+@numba.njit(cache=True, nogil=True)
 def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
     """Tile by tile, for element start + i: d = x[i] - base[i] (/ divisor when `divide`) where
     its word is below `threshold`, else +0.0 (NaN and inf too); out[i] = d, or out[i] += d
@@ -53,12 +63,9 @@ def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divi
     zero = out.dtype.type(0)
     for s in range(0, n, TILE):
         e = min(s + TILE, n)
-        first = (start + s) // WORDS_PER_BLOCK
-        last = (start + e - 1) // WORDS_PER_BLOCK
-        fill(stream, first, last - first + 1, words)
         # Slices, so that every index below is known non-negative and the loops vectorise;
         # the flags are tested outside the loops for the same reason.
-        w = words[start + s - WORDS_PER_BLOCK * first :]
+        w = tile_words(stream, start + s, e - s, words)
         xs, bs, os = x[s:e], base[s:e], out[s:e]
         if accumulate and divide:
             for i in range(e - s):

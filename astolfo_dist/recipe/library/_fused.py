@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from .._philox import WORDS_PER_BLOCK, fill
+from .._philox import WORDS_PER_BLOCK, tile_words
 
 TILE = 4096  # elements per tile: its scratch stays in the L1 cache
 _INTS = {torch.float32: np.int32, torch.float64: np.int64}
@@ -155,10 +155,7 @@ def _della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, 
     tile = buf.shape[0]
     for s in range(0, n, tile):
         e = min(s + tile, n)
-        first = (start + s) // WORDS_PER_BLOCK
-        last = (start + e - 1) // WORDS_PER_BLOCK
-        fill(stream, first, last - first + 1, words)
-        w = words[start + s - WORDS_PER_BLOCK * first :]
+        w = tile_words(stream, start + s, e - s, words)
         xs, bs, os = x[s:e], base[s:e], out[s:e]
         for i in range(e - s):
             d = xs[i] - bs[i]
