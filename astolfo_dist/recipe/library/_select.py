@@ -51,6 +51,7 @@ import torch
 
 from ..stats import _PATTERNS, TopKResult, _key_dtype, _split_widths, magnitude_bits
 from ..workspace import Workspace
+from .base import cpu_kernels
 
 MAX_HIST_BITS = 16
 MIN_HIST_BITS = 11  # 2048 bins: float32 magnitudes in at most 3 digits
@@ -182,12 +183,10 @@ class Selection:
         # Keys in int32 where they fit (half the memory traffic of int64), index keys of the tie
         # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
         key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
-        if self.stage == "magnitude" and not self.collect and x.device.type == "cpu":
-            from . import _fused  # numba: loaded only where it runs
-
-            if _fused.supported(x):
-                self._feed_histogram_fused(_fused, x.reshape(-1), start, scratch("select.picked", key_int))
-                return
+        kernels = cpu_kernels(x) if self.stage == "magnitude" and not self.collect else None
+        if kernels is not None:
+            self._feed_histogram_fused(kernels, x.reshape(-1), start, scratch("select.picked", key_int))
+            return
         bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits

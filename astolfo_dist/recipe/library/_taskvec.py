@@ -39,7 +39,7 @@ import torch
 
 from ..workspace import Workspace
 from ._select import MAX_PASSES, Selection, chunk_keys_cap, hist_bits_for
-from .base import Method, Params, Read, State, divide_, input_weights
+from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights
 
 CONSENSUS = ("sum", "count")
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -159,7 +159,7 @@ class _Sides:
 
     def __init__(self, ws: Workspace, mix: torch.Tensor, consensus: str, normalized: bool) -> None:
         self.mix, self.count = mix, consensus == "count"
-        self.fused = None  # recipe.library._fused on the CPU: `add` in one pass
+        self.fused = cpu_kernels(mix)  # recipe.library._fused on the CPU: `add` in one pass
         self.score = ws.like("taskvec.score", mix).zero_()
         self.neg = ws.like("taskvec.neg", mix).zero_()
         self.term = ws.like("taskvec.term", mix)
@@ -169,11 +169,6 @@ class _Sides:
         if normalized:
             self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
             self.is_zero = ws.like("taskvec.is_zero", mix, torch.bool)
-        if mix.device.type == "cpu":
-            from . import _fused  # numba: loaded only where it runs
-
-            if _fused.supported(mix, self.score, self.neg):
-                self.fused = _fused
 
     def add(self, d: torch.Tensor, w: float) -> None:
         """Take in d (the caller's buffer: overwritten)."""
@@ -284,13 +279,12 @@ class SelectingMethod(TaskVectorMethod):
         one pass (_fused.topk_delta). Otherwise the default."""
         sels = state.selections[j]
         overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
-        if len(sels) != 1 or overridden or x.device.type != "cpu" or sels[0].result.dtype not in (None, x.dtype):
+        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, x.dtype):
             return False
-        from . import _fused  # numba: loaded only where it runs
-
-        if not _fused.supported(out, x, base):
+        kernels = cpu_kernels(out, x, base)
+        if kernels is None:
             return False
-        _fused.topk_delta(out, x, base, start, sels[0].result, accumulate=accumulate)
+        kernels.topk_delta(out, x, base, start, sels[0].result, accumulate=accumulate)
         return True
 
     def sparsify(self, state: SelectionState, j: int, i: int, start: int, delta: torch.Tensor) -> None:

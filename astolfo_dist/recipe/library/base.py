@@ -329,6 +329,17 @@ class Method(ABC, Generic[P, S]):
         return f"{type(self).__name__}({self.params!r}{base})"
 
 
+def cpu_kernels(*tensors: torch.Tensor) -> Any:
+    """recipe.library._fused when its compiled kernels take these tensors (contiguous, on the
+    CPU, of one float dtype), else None (a GPU: the torch path). numba is imported here, on the
+    first call with CPU tensors: only where a kernel will run."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    from . import _fused
+
+    return _fused if _fused.supported(*tensors) else None
+
+
 def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """x /= divisor, in place, as an IEEE division of x's dtype on every device.
 

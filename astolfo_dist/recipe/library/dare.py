@@ -18,7 +18,7 @@ import torch
 
 from ..rng import bernoulli_mask, drop_delta_
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
-from .base import State, divide_
+from .base import State, cpu_kernels, divide_
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,7 @@ class Dare(TaskVectorMethod):
         0.9 ns per input element against ~3 ns for the default here. On a GPU, the default (a host
         mask, then torch)."""
         p: DareParams = self.params
-        if x.device.type != "cpu" or p.density == 1.0:
-            return False
-        from . import _fused  # numba: loaded only where it runs
-
-        if not _fused.supported(out, x, base):
+        if p.density == 1.0 or cpu_kernels(out, x, base) is None:
             return False
         drop_delta_(out, x, base, p.seed, i, state.key, start, p.density, p.density if p.rescale else None,
                     accumulate=accumulate)

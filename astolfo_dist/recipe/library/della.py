@@ -35,7 +35,7 @@ import torch
 from ..rng import bernoulli_mask, stream
 from ..workspace import Workspace
 from ._taskvec import TaskVectorMethod, TaskVectorParams, keep_only
-from .base import Read, State
+from .base import Read, State, cpu_kernels
 
 BIN_BITS = 12
 _SHIFT = 31 - BIN_BITS
@@ -97,11 +97,7 @@ class Della(TaskVectorMethod):
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
         delta = ws.like("taskvec.delta", base)
-        fused = None
-        if delta.device.type == "cpu" and delta.dtype == torch.float32:  # bins are float32 patterns
-            from . import _fused  # numba: loaded only where it runs
-
-            fused = _fused if _fused.supported(delta) else None
+        fused = cpu_kernels(delta) if delta.dtype == torch.float32 else None  # bins are float32 patterns
         for j, i in enumerate(self.others(state.n_inputs)):
             torch.sub(read(i), base, out=delta)
             if state.hist[j] is None:  # on the chunks' device until end_pass: no host wait per chunk
@@ -137,15 +133,12 @@ class Della(TaskVectorMethod):
     def fused_delta(self, state: DellaState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU: subtract, bin, draw, drop and rescale (and add) in one pass (_fused.della_delta)."""
-        if x.device.type != "cpu":
-            return False
-        from . import _fused  # numba: loaded only where it runs
-
-        if not _fused.supported(out, x, base):
+        kernels = cpu_kernels(out, x, base)
+        if kernels is None:
             return False
         p: DellaParams = self.params
         probs = state.probs[j].numpy() if state.probs else np.full(1 << BIN_BITS, p.density)
-        _fused.della_delta(out, x, base, stream(p.seed, i, state.key), start, probs, rescale=p.rescale,
+        kernels.della_delta(out, x, base, stream(p.seed, i, state.key), start, probs, rescale=p.rescale,
                            accumulate=accumulate)
         return True
 
