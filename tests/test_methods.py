@@ -408,6 +408,8 @@ FUSED_CONFIGS = [
     ("ties", {"density": 1.0, "normalize": False, "lambda": 0.7}),
     ("breadcrumbs", {"beta": 0.6, "gamma": 0.05, "sign_election": True}),
     ("dare", {"density": 0.4, "sign_election": True, "seed": 2}),
+    ("dare", {"density": 1e-46, "seed": 2}),  # 0 in float32: dropped 0 / 0 is NaN on both paths, no exception
+    ("della", {"density": 1e-46, "epsilon": 0.0, "seed": 2}),
     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2}),
     ("della", {"density": 0.3, "epsilon": 0.0, "sign_election": False, "seed": 4}),
     ("della", {"density": 0.6, "epsilon": 0.3, "rescale": False, "weights": [1.0, 0.5, 2.0, 1.0, 0.25], "seed": 4}),

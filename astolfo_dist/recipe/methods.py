@@ -50,7 +50,9 @@ class WeightedSum:
         if count != len(self.weights):
             raise ValueError(f"expected {len(self.weights)} input chunks, got {count}")
         if uniform and count > 1:
-            torch.div(acc, count, out=out)  # divide and round to the output dtype in one pass
+            # Divide and round to the output dtype in one pass, by a divisor tensor on acc's
+            # device: CUDA multiplies by the reciprocal of a Python number (library.base.divide_).
+            torch.div(acc, torch.full((), count, dtype=acc.dtype, device=acc.device), out=out)
         else:
             out.copy_(acc)
         return out

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from .._philox import WORDS_PER_BLOCK, tile_words
+from .. import _philox
 
 TILE = 4096  # elements per tile: its scratch stays in the L1 cache
 _INTS = {torch.float32: np.int32, torch.float64: np.int64}
@@ -42,7 +42,7 @@ def _same_size(what: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{what}: sizes differ: {', '.join(str(t.numel()) for t in tensors)}")
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_philox.KERNEL)
 def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key, buf, buf_bits):
     n = out.shape[0]
     for s in range(0, n, buf.shape[0]):
@@ -82,7 +82,7 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
                 _SIGN_CLEARED[out.dtype], _NAN_KEY[out.dtype], buf, buf.view(_INTS[out.dtype]))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_philox.KERNEL)
 def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w):  # pragma: no cover (compiled)
     zero = d.dtype.type(0)
     one = d.dtype.type(1)
@@ -109,7 +109,7 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
     _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_philox.KERNEL)
 def _digit_histogram(bits, sign_cleared, nan_key, filtered, prefix_shift, prefix, digit_shift, digit_mask, hist,
                      keys_out, store):  # pragma: no cover (compiled)
     count = 0
@@ -147,42 +147,13 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
     return int(count), int(kmin), int(kmax)
 
 
-@numba.njit(cache=True, nogil=True)
-def _della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, rescale, buf, narrow, narrow_bits,
-                 divs, keep, words):  # pragma: no cover (compiled)
-    n = out.shape[0]
-    zero = out.dtype.type(0)
-    tile = buf.shape[0]
-    for s in range(0, n, tile):
-        e = min(s + tile, n)
-        w = tile_words(stream, start + s, e - s, words)
-        xs, bs, os = x[s:e], base[s:e], out[s:e]
-        for i in range(e - s):
-            d = xs[i] - bs[i]
-            buf[i] = d
-            narrow[i] = np.float32(d)
-        # The lookups first (gathers), then the division and the sum in loops that vectorise:
-        # with the division in the gather loop it took 5.5 ns per element, 1.8 without rescale.
-        for i in range(e - s):
-            b = (narrow_bits[i] & 0x7FFFFFFF) >> 19  # della.magnitude_bins: the top 12 bits
-            keep[i] = w[i] < thresholds[b]  # rng.bernoulli_mask's u < p, as rng.keep_threshold
-            divs[i] = divisors[b]
-        if rescale:
-            for i in range(e - s):
-                buf[i] = buf[i] / divs[i]
-        for i in range(e - s):
-            kept = buf[i] if keep[i] else zero  # keep_only: +0.0, NaN and inf too
-            if accumulate:
-                os[i] += kept
-            else:
-                os[i] = kept
-
-
 def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: np.ndarray, start: int,
                 probs: np.ndarray, *, rescale: bool, accumulate: bool) -> None:
     """DELLA's delta in one pass: d = x - base, kept where u < p (u from `stream`, rng.py; p =
     probs[della.magnitude_bins(d)], float64), divided by p in d's dtype with `rescale`, else
-    +0.0; out = it, or out += it. Bit for bit della.sparsify's torch path (NaN payloads aside)."""
+    +0.0; out = it, or out += it. Bit for bit della.sparsify's torch path, NaN payloads aside:
+    where x and base are both NaN, the payload of their difference, so its bin and whether it
+    is kept, may differ (the output there is NaN on both paths: the final add of the base)."""
     _same_size("della_delta", out, x, base)
     if probs.shape != (4096,) or probs.dtype != np.float64:
         raise ValueError(f"della_delta: expected 4096 float64 probabilities, got {probs.shape} {probs.dtype}")
@@ -192,6 +163,6 @@ def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: 
     # rng.keep_threshold of every bin: u32 < T exactly when u32 * 2**-32 < p (p * 2**32 is exact).
     thresholds = np.nan_to_num(np.ceil(np.clip(probs * 2.0**32, 0.0, 2.0**32)), nan=0.0).astype(np.uint64)
     dtype = _np(out).dtype
-    _della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, thresholds, divisors, rescale,
+    _philox.della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, thresholds, divisors, rescale,
                  np.empty(tile, dtype=dtype), narrow, narrow.view(np.int32), np.empty(tile, dtype=dtype),
-                 np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * WORDS_PER_BLOCK, dtype=np.uint32))
+                 np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * _philox.WORDS_PER_BLOCK, dtype=np.uint32))

@@ -346,7 +346,8 @@ def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
     On CUDA, div_ by a Python number multiplies by its reciprocal (torch's
     div_true_kernel_cuda), one ulp off the CPU's quotient for a quarter of the elements when
     dividing by 0.3; a divisor tensor on x's device is divided by, as on the CPU."""
-    return x.div_(torch.full((), divisor, dtype=x.dtype, device=x.device))
+    # Filled in float64, then cast: a divisor beyond x's range becomes inf, as div_ would have it.
+    return x.div_(torch.full((), divisor, dtype=torch.float64, device=x.device).to(x.dtype))
 
 
 def input_weights(method: str, weights: tuple[float, ...] | None, count: int) -> tuple[float, ...]:
