@@ -180,6 +180,14 @@ def bernoulli_mask(
     return mask if device is None else mask.to(device)
 
 
+def kernel_takes(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels take these tensors: contiguous, on the CPU, of one dtype,
+    float32 or float64 (they see them as numpy arrays)."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
 def drop_delta_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -194,17 +202,15 @@ def drop_delta_(
     accumulate: bool = False,
 ) -> torch.Tensor:
     """out = d, or out += d with `accumulate`, for elements [start, start + out.numel()), where
-    d = (x - base) / divisor (x - base without a divisor) where u < p, else +0.0 (NaN and inf
-    too). out, x and base: contiguous CPU tensors of one dtype, float32 or float64.
+    d is x - base where u < p, else +0.0 (NaN and inf too), then divided by `divisor` if one is
+    given. out, x and base: tensors the kernels take (`kernel_takes`).
 
     Bit for bit torch.sub, keep_only(bernoulli_mask(..., p)), div_ and add_, in one pass
     (DARE's delta on the CPU), NaN payloads aside (where x and base are both NaN, torch.sub
     keeps base's payload and this x's; see library/_fused.py).
     """
     tensors = (out, x, base)
-    if any(t.device.type != "cpu" or t.dtype != out.dtype or not t.is_contiguous() for t in tensors) or (
-        out.dtype not in (torch.float32, torch.float64)
-    ):
+    if not kernel_takes(*tensors):
         raise ValueError("drop_delta_ needs contiguous CPU tensors of one dtype, float32 or float64, got "
                          + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
     if not x.numel() == base.numel() == out.numel():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import _philox
+from ..rng import kernel_takes
 
 TILE = 4096  # elements per tile: its scratch stays in the L1 cache
 _INTS = {torch.float32: np.int32, torch.float64: np.int64}
@@ -26,10 +27,7 @@ _SIGN_CLEARED = {torch.float32: np.int32(0x7FFFFFFF), torch.float64: np.int64(0x
 _NAN_KEY = {torch.float32: np.int32(0x7F800001), torch.float64: np.int64(0x7FF0000000000001)}  # stats._PATTERNS
 
 
-def supported(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these: contiguous CPU tensors of one dtype, float32 or float64."""
-    dtype = tensors[0].dtype
-    return dtype in _INTS and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+supported = kernel_takes  # which tensors these kernels take (tests switch the kernels off here)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
