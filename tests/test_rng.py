@@ -19,6 +19,7 @@ from astolfo_dist.recipe.rng import (
     bernoulli_mask,
     drop_delta_,
     keep_threshold,
+    keep_thresholds,
     random_u32,
     stream_key,
     uniform01,
@@ -184,6 +185,8 @@ def test_keep_threshold_is_exact() -> None:
     assert keep_threshold(0.0) == 0 and keep_threshold(-0.5) == 0 and keep_threshold(float("nan")) == 0
     assert keep_threshold(1.0) == 2**32 and keep_threshold(float("inf")) == 2**32
     assert keep_threshold(2.0**-32) == 1 and keep_threshold(1 - 2.0**-32) == 2**32 - 1
+    awkward = ps + [0.0, -0.5, 1.0, 2.0, math.nan, math.inf, -math.inf, 5e-324]
+    assert keep_thresholds(np.array(awkward)).tolist() == [keep_threshold(p) for p in awkward]  # the array form
 
 
 @pytest.mark.parametrize("p", [0.3, 1 / 3, 0.999999, 2.0**-32, 1e-300])

@@ -94,8 +94,8 @@ def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divi
 
 
 @numba.njit(**KERNEL)
-def della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, rescale, buf, narrow, narrow_bits,
-                divs, keep, words):  # pragma: no cover (compiled)
+def della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, shift, rescale, buf, narrow,
+                narrow_bits, divs, keep, words):  # pragma: no cover (compiled)
     """DELLA's delta, tile by tile (library/_fused.della_delta says what; the tiles are scratch)."""
     n = out.shape[0]
     zero = out.dtype.type(0)
@@ -111,7 +111,7 @@ def della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, r
         # The lookups first (gathers), then the drop, the division and the sum in loops that
         # vectorise: with the division in the gather loop it took 5.5 ns per element.
         for i in range(e - s):
-            b = (narrow_bits[i] & 0x7FFFFFFF) >> 19  # della.magnitude_bins: the top 12 bits
+            b = (narrow_bits[i] & 0x7FFFFFFF) >> shift  # della.magnitude_bins: the pattern's top bits
             keep[i] = w[i] < thresholds[b]  # rng.bernoulli_mask's u < p, as rng.keep_threshold
             divs[i] = divisors[b]
         for i in range(e - s):

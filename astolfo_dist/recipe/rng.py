@@ -133,12 +133,20 @@ def _below(words: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return keep
 
 
-def keep_threshold(p: float) -> int:
-    """T with (u32 < T) == (u32 * 2**-32 < p) for every uint32 u32; 0 <= T <= 2**32.
+def keep_thresholds(probs: np.ndarray) -> np.ndarray:
+    """T (uint64) per probability, with (u32 < T) == (u32 * 2**-32 < p) for every uint32 u32;
+    0 <= T <= 2**32 (0 for p <= 0 or NaN, 2**32 for p >= 1).
 
     p * 2**32 is exact in float64 (a power-of-two scale) and u32 is an integer, so
     u32 < p * 2**32 iff u32 < ceil(p * 2**32).
     """
+    scaled = np.clip(np.asarray(probs, dtype=np.float64) * 2.0**32, 0.0, 2.0**32)
+    return np.nan_to_num(np.ceil(scaled), nan=0.0).astype(np.uint64)
+
+
+def keep_threshold(p: float) -> int:
+    """keep_thresholds of one probability, in Python floats: 0.5 us against 8 for the array
+    form, and it runs once per chunk (tests/test_rng.py checks the two agree)."""
     x = float(p) * 2.0**32
     if not x > 0.0:  # p <= 0 or NaN: u < p never holds
         return 0

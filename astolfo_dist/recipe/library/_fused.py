@@ -19,12 +19,18 @@ import numpy as np
 import torch
 
 from .. import _philox
-from ..rng import kernel_takes
+from ..rng import keep_thresholds, kernel_takes
+from ..stats import _PATTERNS
 
-TILE = 4096  # elements per tile: its scratch stays in the L1 cache
-_INTS = {torch.float32: np.int32, torch.float64: np.int64}
-_SIGN_CLEARED = {torch.float32: np.int32(0x7FFFFFFF), torch.float64: np.int64(0x7FFFFFFFFFFFFFFF)}
-_NAN_KEY = {torch.float32: np.int32(0x7F800001), torch.float64: np.int64(0x7FF0000000000001)}  # stats._PATTERNS
+TILE = _philox.TILE  # elements per tile: its scratch stays in the L1 cache
+
+
+def _key_constants(dtype: torch.dtype) -> tuple[type, np.integer, np.integer]:
+    """stats.magnitude_bits' patterns for `dtype`, for the kernels: the numpy integer type the
+    floats are viewed as, the mask that clears the sign, and the one key every NaN gets."""
+    pattern = _PATTERNS[dtype]
+    ints = {torch.int32: np.int32, torch.int64: np.int64}[pattern.int_dtype]
+    return ints, ints((1 << pattern.bits) - 1), ints(pattern.inf + 1)
 
 
 supported = kernel_takes  # which tensors these kernels take (tests switch the kernels off here)
@@ -76,8 +82,9 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
         threshold = result.threshold_bits
         cut = result.cut_index if result.n_equal_to_keep else 0
     buf = np.empty(min(TILE, max(1, out.numel())), dtype=_np(out).dtype)
+    ints, sign_cleared, nan_key = _key_constants(out.dtype)
     _topk_delta(_np(x), _np(base), _np(out), accumulate, start, np.int64(threshold), np.int64(cut),
-                _SIGN_CLEARED[out.dtype], _NAN_KEY[out.dtype], buf, buf.view(_INTS[out.dtype]))
+                sign_cleared, nan_key, buf, buf.view(ints))
 
 
 @numba.njit(**_philox.KERNEL)
@@ -134,12 +141,12 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
     Returns (how many keys share the prefix, their smallest, their largest; -1 for none).
     Without `clamp_nan`, a NaN's key is its pattern as it is (della.magnitude_bins), not one
     pattern above inf."""
-    ints = _INTS[x.dtype]
+    ints, sign_cleared, nan_key = _key_constants(x.dtype)
     if hist.numel() != 1 << digit_bits or (keys_out is not None and keys_out.numel() < x.numel()):
         raise ValueError(f"digit_histogram: {hist.numel()} bins for {digit_bits} bits, or too few key slots")
     out = _np(keys_out) if keys_out is not None else np.empty(0, dtype=ints)
     count, kmin, kmax = _digit_histogram(
-        _np(x).view(ints), _SIGN_CLEARED[x.dtype], _NAN_KEY[x.dtype] if clamp_nan else _SIGN_CLEARED[x.dtype],
+        _np(x).view(ints), sign_cleared, nan_key if clamp_nan else sign_cleared,
         known > 0, width - known, prefix,
         width - known - digit_bits, (1 << digit_bits) - 1, _np(hist), out, keys_out is not None)
     return int(count), int(kmin), int(kmax)
@@ -148,19 +155,20 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
 def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: np.ndarray, start: int,
                 probs: np.ndarray, *, rescale: bool, accumulate: bool) -> None:
     """DELLA's delta in one pass: d = x - base, kept where u < p (u from `stream`, rng.py; p =
-    probs[della.magnitude_bins(d)], float64), divided by p in d's dtype with `rescale`, else
+    probs[della.magnitude_bins(d)], float64, one per bin: 2**b bins are the top b bits of the
+    float32 magnitude pattern), divided by p in d's dtype with `rescale`, else
     +0.0; out = it, or out += it. Bit for bit della.sparsify's torch path, NaN payloads aside:
     where x and base are both NaN, the payload of their difference, so its bin and whether it
     is kept, may differ (the output there is NaN on both paths: the final add of the base)."""
     _same_size("della_delta", out, x, base)
-    if probs.shape != (4096,) or probs.dtype != np.float64:
-        raise ValueError(f"della_delta: expected 4096 float64 probabilities, got {probs.shape} {probs.dtype}")
+    bin_bits = probs.shape[0].bit_length() - 1 if probs.ndim == 1 else -1
+    if not 0 < bin_bits <= 31 or probs.shape[0] != 1 << bin_bits or probs.dtype != np.float64:
+        raise ValueError(f"della_delta: expected 2**b float64 probabilities, got {probs.shape} {probs.dtype}")
     tile = min(TILE, max(1, out.numel()))
     narrow = np.empty(tile, dtype=np.float32)
     divisors = probs.astype(_np(out).dtype)  # p in d's dtype, as torch's div_(prob.to(delta.dtype))
-    # rng.keep_threshold of every bin: u32 < T exactly when u32 * 2**-32 < p (p * 2**32 is exact).
-    thresholds = np.nan_to_num(np.ceil(np.clip(probs * 2.0**32, 0.0, 2.0**32)), nan=0.0).astype(np.uint64)
     dtype = _np(out).dtype
-    _philox.della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, thresholds, divisors, rescale,
-                 np.empty(tile, dtype=dtype), narrow, narrow.view(np.int32), np.empty(tile, dtype=dtype),
-                 np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * _philox.WORDS_PER_BLOCK, dtype=np.uint32))
+    scratch = (np.empty(tile, dtype=dtype), narrow, narrow.view(np.int32), np.empty(tile, dtype=dtype),
+               np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * _philox.WORDS_PER_BLOCK, dtype=np.uint32))
+    _philox.della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, keep_thresholds(probs), divisors,
+                        31 - bin_bits, rescale, *scratch)
