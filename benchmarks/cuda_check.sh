@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one call on a GPU machine (the device tool runs it from the repository
 # root; results land in $OUT). Uses that machine's python3, which has torch with CUDA,
-# safetensors, numpy, psutil and pytest; Ray is not needed. It has no numba and no network:
+# safetensors, numpy, psutil and pytest; Ray is not needed. It may lack numba (the H100 had it,
+# the H200 did not), and it has no network:
 # fill benchmarks/wheels here first and carry it (63 MB; the device tool's `carry`):
 #   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_28_x86_64 -d benchmarks/wheels numba==0.68.1 llvmlite
