@@ -136,7 +136,7 @@ def per_worker_bytes(plan: Plan, chunk_elems: int, cuda: bool = False) -> int:
     acc_size = max([DTYPES[t.accumulator].bits // 8 for t in plan.tensors if t.op == "reduce"] + [4])
     host = chunk_elems * (in_size * (2 if cuda else 1) + out_size)
     device = 0 if cuda else chunk_elems * acc_size * (2 + graph_chunks(plan))
-    return host + device + WORKER_SLACK
+    return host + device + graph_state_bytes(plan) + WORKER_SLACK
 
 
 def cacheable_bytes(plan: Plan) -> int:
@@ -185,6 +185,15 @@ def graph_chunks(plan: Plan) -> int:
         if t.graph
     }
     return max(costs, default=0)
+
+
+def graph_state_bytes(plan: Plan) -> int:
+    """The statistics the largest recipe graph of the plan holds per tensor, on the host
+    whatever the device (recipe.library's state_bytes, per node)."""
+    from .recipe.library import REGISTRY
+
+    return max((sum(REGISTRY[call.method].state_bytes for call in t.graph) for t in plan.tensors if t.graph),
+               default=0)
 
 
 def fit(

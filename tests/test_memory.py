@@ -194,7 +194,9 @@ def test_method_graphs_reserve_their_nodes_and_workspace(sd_models):
     from astolfo_dist.recipe.library.ties import Ties
 
     extra = per_worker_bytes(ties, chunk) - per_worker_bytes(plain, chunk)
-    assert extra == chunk * 4 * (1 + Ties.scratch_chunks)  # F16 output: float32 accumulator
+    # F16 output: float32 accumulator; and the selections' statistics (histograms, bands).
+    assert extra == chunk * 4 * (1 + Ties.scratch_chunks) + Ties.state_bytes
+    assert Ties.state_bytes > 0
 
 
 LAUNCHER = """

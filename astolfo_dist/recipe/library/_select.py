@@ -45,6 +45,7 @@ all selections of a tensor (`chunk_keys_cap`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -58,13 +59,23 @@ MIN_HIST_BITS = 11  # 2048 bins: float32 magnitudes in at most 3 digits
 HIST_BUDGET = 8 << 20  # bytes of histograms that the selections of one tensor hold at once
 COLLECT_CAP = 1024
 CHUNK_KEYS_BUDGET = 4 << 20  # bytes of per-chunk tie records (16 per key) the selections of one tensor hold
+BAND_BUDGET = 32 << 20  # bytes of first-pass band candidates (BAND_ENTRY each) the selections of one tensor hold
+BAND_ENTRY = 16  # bytes per band candidate, as held (an int64 key and an int64 index)
+STATE_BUDGET = HIST_BUDGET + CHUNK_KEYS_BUDGET + BAND_BUDGET  # what the selections of one tensor hold at most
+BAND_SIGMAS = 4.0  # the band's half-width: this many binomial standard deviations of the first chunk's estimate
+BAND_MARGIN = 0.005  # plus this fraction of the first chunk's elements, for deltas that vary along a tensor
 MAX_INDEX_BITS = 62  # rng.py's element-index range
-MAX_PASSES = -(-63 // MIN_HIST_BITS) + -(-MAX_INDEX_BITS // MIN_HIST_BITS)
+MAX_PASSES = 1 + -(-63 // MIN_HIST_BITS) + -(-MAX_INDEX_BITS // MIN_HIST_BITS)  # 1: a band that missed
 
 
 def chunk_keys_cap(selections: int = 1) -> int:
     """Distinct keys per selection that a settling pass may record, `selections` at once."""
     return max(256, CHUNK_KEYS_BUDGET // (16 * max(1, selections)))
+
+
+def band_cap_for(selections: int = 1) -> int:
+    """First-pass band candidates per selection, `selections` at once."""
+    return BAND_BUDGET // (BAND_ENTRY * max(1, selections))
 
 
 def hist_bits_for(numel: int, selections: int = 1) -> int:
@@ -99,6 +110,7 @@ class Selection:
     inert_zeros: bool = False  # |x| = 0 changes nothing downstream: never split ties at zero
     max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
     keys_cap: int | None = None  # the most per-chunk distinct keys recorded; None: chunk_keys_cap()
+    band_cap: int | None = None  # the most first-pass band candidates; None: band_cap_for(); 0: no band
     # This pass's counts per digit (int32, int64 for huge tensors) and the smallest and largest
     # key it saw (if they agree, every key sharing the prefix is that one), on the chunks'
     # device until end_pass reads them: on a GPU, no synchronisation per chunk.
@@ -114,6 +126,20 @@ class Selection:
     chunk_keys: bool = True  # False once the distinct keys outgrew keys_cap
     window: tuple[int, int] | None = None  # index stage: only elements [lo, hi) hold kept ties
     grid: dict[int, int] | None = None  # with a window: the settling pass's chunks, start -> length
+    # The first pass's band (CPU kernels only): the digits [lo, hi] around where the first chunk
+    # this copy saw puts the threshold. Instead of a histogram, the pass gathers every key in
+    # them with its index and counts the keys above: if the threshold is in the band, ranking
+    # its keys settles the selection in that one pass, ties included; if not, the pass is
+    # repeated as a histogram pass (_choose_band, _end_band).
+    band_open: bool = True  # not chosen yet: this copy saw no chunk of the first pass
+    band: tuple[int, int] | None = None  # None once chosen: no band (it missed, overflowed, or none fits)
+    band_key: torch.Tensor | None = None  # CPU int64, the first band_count entries in use
+    band_index: torch.Tensor | None = None
+    band_count: int = 0
+    band_room: int = 0  # entries allocated: twice what the first chunk predicts, at most band_cap
+    band_above: int = 0  # keys above the band
+    band_seen: int = 0  # elements the band has looked at
+    uncounted: bool = False  # the band was confirmed and the histogram stopped: the pass settles from it, or repeats
     passes: int = 0
     result: TopKResult | None = field(default=None)
 
@@ -125,7 +151,10 @@ class Selection:
             self.max_bits = hist_bits_for(self.numel)
         if self.keys_cap is None:
             self.keys_cap = chunk_keys_cap()
+        if self.band_cap is None:
+            self.band_cap = band_cap_for()
         self.collect = self.numel <= COLLECT_CAP  # small tensors: one collect pass settles everything
+        self.band_open = not self.collect and self.band_cap > 0
         if self.k == 0:
             self._finish(None, 0, 0, 0, 0, 0)
         elif self.k == self.numel:
@@ -151,8 +180,11 @@ class Selection:
             done += bits
         raise RuntimeError("the selection has no digit left")  # a full prefix settles in its pass
 
-    def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
-        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass.
+    def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None,
+             base: torch.Tensor | None = None) -> None:
+        """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass;
+        with `base`, of the tensor x - base (torch.sub's; on the CPU's fused pass, subtracted
+        on the way instead of in a buffer of its own).
 
         With `workspace`, the chunk-sized temporaries come from it (tags "select.*")."""
         if self.done:
@@ -166,6 +198,8 @@ class Selection:
             lo, hi = max(start, self.window[0]), min(start + x.numel(), self.window[1])
             if lo >= hi:
                 return
+            if base is not None:
+                base = base.reshape(-1)[lo - start : hi - start]
             x, start = x.reshape(-1)[lo - start : hi - start], lo
         n = x.numel()
 
@@ -183,10 +217,16 @@ class Selection:
         # Keys in int32 where they fit (half the memory traffic of int64), index keys of the tie
         # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
         key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
-        kernels = cpu_kernels(x) if self.stage == "magnitude" and not self.collect else None
+        fusable = self.stage == "magnitude" and not self.collect
+        kernels = (cpu_kernels(x) if base is None else cpu_kernels(x, base)) if fusable else None
         if kernels is not None:
-            self._feed_histogram_fused(kernels, x.reshape(-1), start, scratch("select.picked", key_int))
+            self._feed_histogram_fused(kernels, x.reshape(-1), None if base is None else base.reshape(-1), start,
+                                       scratch)
             return
+        if self.band_open or self.band is not None:
+            self._band_off()  # the torch path gathers no band
+        if base is not None:
+            x = torch.sub(x, base, out=scratch("select.delta", x.dtype))
         bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits
@@ -223,18 +263,101 @@ class Selection:
         if keys.numel():
             self._see(*torch.aminmax(keys))
 
-    def _feed_histogram_fused(self, fused, x: torch.Tensor, start: int, keys_buffer: torch.Tensor) -> None:
+    def _feed_histogram_fused(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch) -> None:
         """The magnitude histogram pass of `feed` in one pass over the chunk (_fused.digit_histogram):
-        the same counts, extremes and records as the torch operations it stands for."""
+        the same counts, extremes and records as the torch operations it stands for. In a first
+        pass, also the band's keys (_fused.band_gather); once the band is confirmed, only those."""
         width, digit_bits = self._width(), self._digit_bits()
         final = self.known + digit_bits == width
-        keys_out = keys_buffer if final and self.known and self.chunk_keys else None  # what _record_chunk reads
+        key_int = torch.int64 if _PATTERNS[self.dtype].bits > 31 else torch.int32
+        n = x.numel()
+        if self.band_open and (self.known or self.hist is not None):
+            self._band_off()  # a band is chosen from the first pass's first chunk only
+        if self.uncounted:  # the band was confirmed: it alone counts (if it overflowed, nothing does)
+            if self.band is not None:
+                self._band_gather(fused, x, base, start, scratch, key_int)
+            return
+        keys_out = scratch("select.picked", key_int) if final and self.known and self.chunk_keys else None
         if self.hist is None:
             self.hist = torch.zeros(1 << digit_bits, dtype=self._count_dtype())
-        count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out)
-        self._record_chunk(start, x.numel(), count, None if keys_out is None else keys_out[:count], final=final)
+        count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out,
+                                              base=base)
+        if self.band_open:  # the first chunk: its counts choose the band (if one fits)
+            self._choose_band(self.hist, n)
+        if self.band is not None:
+            self._band_gather(fused, x, base, start, scratch, key_int)
+            self._check_band()
+        self._record_chunk(start, n, count, None if keys_out is None else keys_out[:count], final=final)
         if count:
             self._see(torch.tensor(lo), torch.tensor(hi))
+
+    def _choose_band(self, counts: torch.Tensor, n: int) -> None:
+        """From the first chunk's histogram, the digits around where its share of `need` falls:
+        BAND_SIGMAS binomial deviations of that estimate and BAND_MARGIN of the chunk each side,
+        narrowed while the keys they would gather over the whole tensor (as the chunk predicts)
+        exceed half of band_cap. None fits: no band, and this is a histogram pass."""
+        self.band_open = False
+        from_top = counts.to("cpu", torch.int64).flip(0).cumsum(0)
+        bins = from_top.numel()
+        estimate = self.need * n / self.numel
+        spread = BAND_SIGMAS * math.sqrt(estimate * max(0.0, 1 - estimate / n)) + BAND_MARGIN * n
+        room = self.band_cap * n / (2 * self.numel)  # this chunk's share of half the cap
+        while True:
+            top = int(torch.searchsorted(from_top, max(1, math.floor(estimate - spread))))
+            bottom = int(torch.searchsorted(from_top, min(n, max(1, math.ceil(estimate + spread)))))
+            inside = int(from_top[bottom]) - (int(from_top[top - 1]) if top else 0)
+            if inside <= room:
+                self.band = (bins - 1 - bottom, bins - 1 - top)
+                self.band_room = min(self.band_cap, self.numel, max(1024, math.ceil(2 * inside * self.numel / n)))
+                return
+            if spread < 1:
+                return  # one digit holds more than the cap allows
+            spread /= 2
+
+    def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch,
+                     key_int: torch.dtype) -> None:
+        slots = scratch("select.band_keys", key_int), scratch("select.band_index", torch.int64)
+        banded, above = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *slots, start)
+        self.band_above += above
+        self.band_seen += x.numel()
+        self._band_add(slots[0][:banded], slots[1][:banded])
+
+    def _check_band(self) -> None:
+        """Once a quarter of the tensor has been seen: if the rank `need` falls well inside the
+        band so far (a quarter of its width from either edge), the band is confirmed and the
+        histogram stops (the pass then settles from the band or, if the rest of the tensor moves
+        the rank out of it, is repeated); if the rank falls outside it, the band is dropped and
+        the pass stays a histogram pass. Deltas that vary along the tensor thus cost little."""
+        if self.band is None or 4 * self.band_seen < self.numel:
+            return
+        rank = self.need / self.numel
+        lo, hi = self.band_above / self.band_seen, (self.band_above + self.band_count) / self.band_seen
+        margin = (hi - lo) / 4
+        if lo + margin <= rank <= hi - margin:
+            self.uncounted = True
+        elif not lo < rank <= hi:
+            self._band_off()
+
+    def _band_add(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        m = keys.numel()
+        if self.band_count + m > self.band_room:
+            self._band_off()  # more keys than the first chunk predicted: the pass is repeated without
+            return
+        if self.band_key is None or self.band_index is None:  # allocated once, never grown
+            self.band_key = torch.empty(self.band_room, dtype=torch.int64)
+            self.band_index = torch.empty(self.band_room, dtype=torch.int64)
+        self.band_key[self.band_count : self.band_count + m].copy_(keys)
+        self.band_index[self.band_count : self.band_count + m].copy_(index)
+        self.band_count += m
+
+    def _band_off(self) -> None:
+        self.band_open, self.band, self.band_key, self.band_index = False, None, None, None
+        self.band_count = self.band_room = self.band_above = self.band_seen = 0
+
+    def _band_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.band_key is None or self.band_index is None:
+            return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        return self.band_key[: self.band_count], self.band_index[: self.band_count]
 
     def wants(self, start: int, n: int) -> bool:
         """Whether a pass needs elements [start, start + n) at all (a caller may skip the read)."""
@@ -319,6 +442,36 @@ class Selection:
             self.chunks = [(a, b, m, None, None) for a, b, m, _, _ in self.chunks]
         if other.cand_key is not None:
             self._append(other.cand_key, other.cand_index)
+        self._merge_band(other)
+
+    def _merge_band(self, other: Selection) -> None:
+        """Bands chosen by two copies from different first chunks: the digits both gathered,
+        the keys above the narrower top counted as above."""
+        self.uncounted = self.uncounted or other.uncounted
+        if other.band_open:
+            return  # the other copy saw no chunk
+        if self.band_open:
+            self._band_off()
+            self.band, self.band_room, self.band_above = other.band, other.band_room, other.band_above
+            self.band_seen = other.band_seen
+            if other.band is not None:
+                self._band_add(*(t.clone() for t in other._band_entries()))
+            return
+        if self.band is None or other.band is None:
+            self._band_off()
+            return
+        lo, hi = max(self.band[0], other.band[0]), min(self.band[1], other.band[1])
+        mine, theirs = self._band_entries(), other._band_entries()
+        keys, index = (torch.cat([mine[m], theirs[m]]) for m in (0, 1))
+        digits = keys >> (self._width() - self._digit_bits())
+        above = self.band_above + other.band_above + int((digits > hi).sum())
+        room = min(self.band_cap, self.band_room + other.band_room)
+        seen = self.band_seen + other.band_seen
+        self._band_off()
+        if lo <= hi:
+            inside = (digits >= lo) & (digits <= hi)
+            self.band, self.band_room, self.band_above, self.band_seen = (lo, hi), room, above, seen
+            self._band_add(keys[inside], index[inside])
 
     def end_pass(self) -> None:
         if self.done:
@@ -332,6 +485,13 @@ class Selection:
             self._end_histogram()
 
     def _end_histogram(self) -> None:
+        if self._settle_from_band():
+            return
+        if self.uncounted:  # the histogram stopped for a band that then missed: this pass again, without one
+            self.uncounted = False
+            self.hist = self.kmin = self.kmax = None
+            self.chunks = []
+            return
         width = self._width()
         digit_bits = self._digit_bits()
         if self.hist is None:
@@ -369,6 +529,23 @@ class Selection:
         self.prefix = (self.prefix << digit_bits) | digit
         self.known += digit_bits
         self.collect = remaining <= COLLECT_CAP
+
+    def _settle_from_band(self) -> bool:
+        """At the end of a first pass with a band: if the need-th largest key lies in it (above <
+        need <= above + gathered), ranking the gathered keys settles the selection as a collect
+        pass would, ties included (no index pass). False if not; the band is dropped either way."""
+        band, (keys, index), above = self.band, self._band_entries(), self.band_above
+        self._band_off()
+        if band is None or not above < self.need <= above + keys.numel():
+            return False
+        self.uncounted = False
+        self.hist = self.kmin = self.kmax = None
+        self.chunks = []
+        self.n_greater += above
+        self.need -= above
+        self.cand_key, self.cand_index = keys, index
+        self._end_collect()
+        return True
 
     def _end_collect(self) -> None:
         keys = torch.empty(0, dtype=torch.int64) if self.cand_key is None else self.cand_key
@@ -445,5 +622,6 @@ class Selection:
         return self.result.mask(x, start, out=out, workspace=workspace)
 
     def nbytes(self) -> int:
-        held = [self.hist, self.cand_key, self.cand_index, *(t for c in self.chunks for t in c[3:])]
+        held = [self.hist, self.cand_key, self.cand_index, self.band_key, self.band_index,
+                *(t for c in self.chunks for t in c[3:])]
         return sum(t.numel() * t.element_size() for t in held if t is not None) + 48 * len(self.chunks)

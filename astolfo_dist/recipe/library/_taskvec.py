@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from ..workspace import Workspace
-from ._select import MAX_PASSES, Selection, chunk_keys_cap, hist_bits_for
+from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, hist_bits_for
 from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights
 
 CONSENSUS = ("sum", "count")
@@ -221,7 +221,8 @@ class SelectingMethod(TaskVectorMethod):
     many passes as its slowest selection.
     """
 
-    scratch_chunks = 19
+    scratch_chunks = 23
+    state_bytes = STATE_BUDGET
 
     def counts(self, numel: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -238,8 +239,9 @@ class SelectingMethod(TaskVectorMethod):
         ks = self.counts(numel)
         others = self.others(n_inputs)
         n_sel = len(ks) * len(others)  # all of them hold their statistics at once
-        bits, cap = hist_bits_for(numel, n_sel), chunk_keys_cap(n_sel)
-        sels = [[Selection(numel, k, inert_zeros=True, max_bits=bits, keys_cap=cap) for k in ks] for _ in others]
+        limits = {"max_bits": hist_bits_for(numel, n_sel), "keys_cap": chunk_keys_cap(n_sel),
+                  "band_cap": band_cap_for(n_sel)}
+        sels = [[Selection(numel, k, inert_zeros=True, **limits) for k in ks] for _ in others]
         state = SelectionState(key, numel, n_inputs, selections=sels)
         state.refresh()
         return state
@@ -257,8 +259,12 @@ class SelectingMethod(TaskVectorMethod):
         for j, i in enumerate(self.others(state.n_inputs)):
             if not any(sel.wants(start, n) for sel in state.selections[j]):
                 continue  # done, or a tie split that looks at another chunk: not read
-            torch.sub(read(i), base, out=delta)
-            for sel in state.selections[j]:
+            sels = state.selections[j]
+            if len(sels) == 1:  # it subtracts (on the CPU, on the way: no delta buffer)
+                sels[0].feed(read(i), start, ws, base=base)
+                continue
+            torch.sub(read(i), base, out=delta)  # once for all of this input's selections
+            for sel in sels:
                 sel.feed(delta, start, ws)
         return n
 

@@ -194,6 +194,9 @@ class Method(ABC, Generic[P, S]):
     # dtype (bool and int masks counted by their bytes): the memory budget reserves it per
     # graph node and per worker (tests/test_workspace.py checks the bound).
     scratch_chunks: ClassVar[int] = 0
+    # Upper bound on the bytes of statistics (histograms, candidates) a node's state holds for
+    # one tensor, beyond its chunk buffers: the memory budget reserves it per graph node and worker.
+    state_bytes: ClassVar[int] = 0
     uses_base: ClassVar[bool] = False
     # True: may run compiled CPU kernels (recipe/rng.py, library/_fused.py), which cost a
     # process budget.NUMBA_KERNELS of memory the first time (numba).
