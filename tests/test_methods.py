@@ -805,13 +805,15 @@ def test_a_tie_split_reads_only_the_chunk_holding_the_cut(kind, selection_path):
     assert torch.equal(got, ref(x, 0))
 
 
-def test_ties_tie_split_reads_only_the_chunks_holding_the_cuts(monkeypatch):
-    """TIES over deltas of float16 checkpoints, without the first pass's band (as on a GPU):
+@pytest.mark.parametrize("band", [False, True])
+def test_ties_tie_split_reads_only_the_chunks_holding_the_cuts(band, monkeypatch):
+    """TIES over deltas of float16 checkpoints. Without the first pass's band (as on a GPU):
     two full passes settle the thresholds, and the tie split reads the base and the input
-    only where an input's cut lies."""
+    only where an input's cut lies. With it (the CPU): one pass settles thresholds and ties."""
     from astolfo_dist.recipe.library import _select
 
-    monkeypatch.setattr(_select, "BAND_BUDGET", 0)
+    if not band:
+        monkeypatch.setattr(_select, "BAND_BUDGET", 0)
     numel, chunk, n = 1 << 20, 1 << 16, 3
     gen = torch.Generator().manual_seed(12)
     xs = [(torch.randn(numel, generator=gen) * 0.05).half().float() for _ in range(n + 1)]
@@ -830,11 +832,87 @@ def test_ties_tie_split_reads_only_the_chunks_holding_the_cuts(monkeypatch):
             method.observe(state, len(reads) - 1, s, counted)
         method.end_pass(state, len(reads) - 1)
     full = (n + 1) * numel // chunk
-    assert reads[:2] == [full, full] and len(reads) == 3
-    assert 2 <= reads[2] <= 2 * n  # per input: its window's chunk, and the base there
+    if band:
+        assert reads == [full]
+    else:
+        assert reads[:2] == [full, full] and len(reads) == 3
+        assert 2 <= reads[2] <= 2 * n  # per input: its window's chunk, and the base there
     out = torch.cat([_output(method, state, xs, s, chunk) for s in range(0, numel, chunk)])
     whole, _ = run(build("ties", {"density": 0.2}, base=0), xs, numel)  # one chunk: no window
     assert bits_equal(out, whole)
+
+
+def topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest |x|, ties kept in element-index order (-0.0 equal to +0.0, no NaN here):
+    a stable sort of the magnitude patterns, the whole tensor at once."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}[x.dtype]
+    keys = x.abs().view(ints).long()
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[torch.sort(keys, descending=True, stable=True).indices[:k]] = True
+    return mask
+
+
+def select_in_passes(x: torch.Tensor, k: int, chunk: int, copies: int = 1, **options) -> Selection:
+    """Selection over x in chunks of `chunk`; each pass split between `copies` copies of the state
+    (chunk i to copy i % copies), merged, then ended."""
+    sel = Selection(x.numel(), k, inert_zeros=False, **options)
+    while not sel.done:
+        parts = [copy.deepcopy(sel) for _ in range(copies)]
+        for i, s in enumerate(range(0, x.numel(), chunk)):
+            if parts[i % copies].wants(s, chunk):
+                parts[i % copies].feed(x[s : s + chunk], s)
+        for other in parts[1:]:
+            parts[0].merge(other)
+        sel = parts[0]
+        sel.end_pass()
+    return sel
+
+
+def selected(sel: Selection, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([sel.mask(x[s : s + chunk], s) for s in range(0, x.numel(), chunk)])
+
+
+@pytest.mark.parametrize("kind", ["normal", "float16 grid"])
+@pytest.mark.parametrize("copies", [1, 2])
+def test_the_band_settles_even_deltas_in_one_pass(kind, copies):
+    """Where the first chunk predicts the threshold (deltas alike along the tensor), the first
+    pass's band holds it and its ties: one statistic pass, the exact selection, ties split in
+    index order; with the pass split between two copies, whose bands differ, as well."""
+    numel, chunk = 1 << 20, 1 << 16
+    gen = torch.Generator().manual_seed(21)
+    if kind == "normal":
+        x = torch.randn(numel, generator=gen)
+    else:
+        a, b = (torch.randn(numel, generator=gen) * 0.05).half(), (torch.randn(numel, generator=gen) * 0.05).half()
+        x = a.float() - b.float()
+    k = numel // 5 + 3
+    sel = select_in_passes(x, k, chunk, copies)
+    assert sel.result.passes == 1
+    assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
+    if kind == "float16 grid":
+        assert 0 < sel.result.n_equal_to_keep < sel.result.n_equal  # the band split the ties too
+
+
+@pytest.mark.parametrize("kind", ["drift", "late shift", "no room"])
+def test_a_band_that_misses_costs_a_pass_not_a_wrong_answer(kind):
+    """Deltas that grow along the tensor (the first chunk's estimate is low: the quarter check
+    drops the band and the pass stays a histogram pass), deltas that jump after the quarter
+    check confirmed the band (the pass is repeated without one), and a band cap too small for
+    any digit: the exact selection every time, in the passes each case costs."""
+    numel, chunk = 1 << 20, 1 << 16
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(numel, generator=gen)
+    options = {}
+    if kind == "drift":
+        x *= torch.linspace(1.0, 4.0, numel)
+    elif kind == "late shift":
+        x[numel // 2 :] *= 3.0
+    else:
+        options["band_cap"] = 64
+    k = numel // 5 + 3
+    sel = select_in_passes(x, k, chunk, **options)
+    assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
+    assert sel.result.passes == {"drift": 2, "late shift": 3, "no room": 2}[kind]
 
 
 def _output(method: Method, state, xs: list[torch.Tensor], start: int, chunk: int) -> torch.Tensor:
