@@ -37,7 +37,7 @@ supported = kernel_takes  # which tensors these kernels take (tests switch the k
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.view(-1).numpy()
+    return t.numpy() if t.dim() == 1 else t.view(-1).numpy()  # view(-1) alone costs 0.7 us a call
 
 
 def _same_size(what: str, *tensors: torch.Tensor) -> None:
@@ -171,6 +171,28 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
                 index_out[banded] = start + s + i
                 banded += 1
     return banded, above
+
+
+@numba.njit(**_philox.KERNEL)
+def _band_digits(hist, top_rank, bottom_rank):  # pragma: no cover (compiled)
+    above = 0
+    before = 0  # keys above the top digit
+    top = -1
+    for d in range(hist.shape[0] - 1, -1, -1):
+        if top < 0 and above + hist[d] >= top_rank:
+            top, before = d, above
+        above += hist[d]
+        if top >= 0 and above >= bottom_rank:
+            return d, top, above - before
+    return 0, max(top, 0), above - before  # fewer keys than bottom_rank: down to digit 0
+
+
+def band_digits(hist: torch.Tensor, top_rank: int, bottom_rank: int) -> tuple[int, int, int]:
+    """The digits holding the top_rank-th and the bottom_rank-th largest keys counted in `hist`
+    (top_rank <= bottom_rank), and how many keys lie in the digits from one to the other: a
+    scan from the top, where the cumulative sum of the whole histogram took 55 us."""
+    lo, hi, inside = _band_digits(_np(hist), top_rank, bottom_rank)
+    return int(lo), int(hi), int(inside)
 
 
 def _operands(x: torch.Tensor, base: torch.Tensor | None, what: str) -> tuple[np.ndarray, np.ndarray, bool]:
