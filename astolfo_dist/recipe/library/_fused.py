@@ -167,8 +167,9 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
             buf_bits[i] = key - lo_key
         for i in range(m):
             if buf_unsigned[i] <= span:
-                keys_out[banded] = buf_bits[i] + lo_key
-                index_out[banded] = start + s + i
+                if banded < keys_out.shape[0]:  # past the room, only counted: the caller drops the band
+                    keys_out[banded] = buf_bits[i] + lo_key
+                    index_out[banded] = start + s + i
                 banded += 1
     return banded, above
 
@@ -235,11 +236,12 @@ def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo
                 keys_out: torch.Tensor, index_out: torch.Tensor, start: int) -> tuple[int, int]:
     """Selection's first pass with a band, in one pass over x (or x - base, as digit_histogram):
     the keys whose digit (key >> digit_shift) is in [lo, hi], and their element indices from
-    `start`, go to keys_out and index_out in element order. Returns (how many went there, how
-    many keys lay above the band)."""
+    `start`, go to keys_out and index_out (int64, as many slots as there is room) in element
+    order. Returns (how many keys are in the band, more than the slots if they overflowed; how
+    many lay above it)."""
     ints, sign_cleared, nan_key = _key_constants(x.dtype)
-    if min(keys_out.numel(), index_out.numel()) < x.numel() or index_out.dtype != torch.int64:
-        raise ValueError("band_gather: too few slots, or indices not int64")
+    if keys_out.numel() != index_out.numel() or {keys_out.dtype, index_out.dtype} != {torch.int64}:
+        raise ValueError("band_gather: slots for keys and indices differ, or are not int64")
     unsigned = {np.int32: np.uint32, np.int64: np.uint64}[ints]
     lo_key, hi_key = lo << digit_shift, ((hi + 1) << digit_shift) - 1
     buf = _tile(x)

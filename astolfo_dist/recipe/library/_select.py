@@ -280,7 +280,7 @@ class Selection:
             self._band_off()  # a band is chosen from the first pass's first chunk only
         if self.uncounted:  # the band was confirmed: it alone counts (if it overflowed, nothing does)
             if self.band is not None:
-                self._band_gather(fused, x, base, start, scratch, key_int)
+                self._band_gather(fused, x, base, start)
             return
         keys_out = scratch("select.picked", key_int) if final and self.known and self.chunk_keys else None
         if self.hist is None:
@@ -290,7 +290,7 @@ class Selection:
         if self.band_open:  # the first chunk: its counts choose the band (if one fits)
             self._choose_band(fused, self.hist, n)
         if self.band is not None:
-            self._band_gather(fused, x, base, start, scratch, key_int)
+            self._band_gather(fused, x, base, start)
             self._check_band()
         self._record_chunk(start, n, count, None if keys_out is None else keys_out[:count], final=final)
         if count:
@@ -316,13 +316,18 @@ class Selection:
                 return  # one digit holds more than the cap allows
             spread /= 2
 
-    def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch,
-                     key_int: torch.dtype) -> None:
-        slots = scratch("select.band_keys", key_int), scratch("select.band_index", torch.int64)
-        banded, above = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *slots, start)
+    def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int) -> None:
+        """This chunk's band keys, written by the kernel straight into the band's free room."""
+        if self.band_key is None or self.band_index is None:  # allocated once, never grown
+            self.band_key = torch.empty(self.band_room, dtype=torch.int64)
+            self.band_index = torch.empty(self.band_room, dtype=torch.int64)
+        free = self.band_key[self.band_count :], self.band_index[self.band_count :]
+        banded, above = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *free, start)
         self.band_above += above
         self.band_seen += x.numel()
-        self._band_add(slots[0][:banded], slots[1][:banded])
+        self.band_count += banded
+        if self.band_count > self.band_room:
+            self._band_off()  # more keys than the first chunk predicted: see _check_band and end_pass
 
     def _check_band(self) -> None:
         """Once a quarter of the tensor has been seen: if the rank `need` falls well inside the
@@ -341,6 +346,7 @@ class Selection:
             self._band_off()
 
     def _band_add(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        """Merging copies: their keys into this band's room."""
         m = keys.numel()
         if self.band_count + m > self.band_room:
             self._band_off()  # more keys than the first chunk predicted: the pass is repeated without

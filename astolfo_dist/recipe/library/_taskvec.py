@@ -221,7 +221,7 @@ class SelectingMethod(TaskVectorMethod):
     many passes as its slowest selection.
     """
 
-    scratch_chunks = 23
+    scratch_chunks = 20
     state_bytes = STATE_BUDGET
 
     def counts(self, numel: int) -> tuple[int, ...]:
