@@ -406,6 +406,7 @@ FUSED_CONFIGS = [
     ("ties", {"density": 0.4, "sign_election": False}),
     ("ties", {"density": 0.0}),
     ("ties", {"density": 1.0, "normalize": False, "lambda": 0.7}),
+    ("ties", {"density": 0.3, "lambda": 0.3, "weights": [-0.5, 1.0, 0.3, 2.0, 1.0]}),
     ("breadcrumbs", {"beta": 0.6, "gamma": 0.05, "sign_election": True}),
     ("dare", {"density": 0.4, "sign_election": True, "seed": 2}),
     ("dare", {"density": 1e-46, "seed": 2}),  # 0 in float32: dropped 0 / 0 is NaN on both paths, no exception
@@ -418,12 +419,12 @@ FUSED_CONFIGS = [
 
 
 def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
-    """On the CPU, TIES's and DELLA's deltas and every sign election's sums take one fused pass
-    each (_fused.topk_delta, della_delta, sides_add); a GPU takes torch operations. Same bits, with NaN, inf
-    and zero deltas, float32 and float64, many chunks."""
+    """On the CPU, TIES's and DELLA's deltas, every sign election's sums and its final pick take
+    one fused pass each (_fused.topk_delta, della_delta, sides_add, sides_finish); a GPU takes
+    torch operations. Same bits, with NaN, inf and zero deltas, float32 and float64, many chunks."""
     from astolfo_dist.recipe.library import _fused
 
-    calls = {"topk_delta": 0, "sides_add": 0, "della_delta": 0}
+    calls = {"topk_delta": 0, "sides_add": 0, "sides_finish": 0, "della_delta": 0}
     for name in calls:
         def counted(*args, _kernel=getattr(_fused, name), _name=name, **kwargs):
             calls[_name] += 1

@@ -88,30 +88,63 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
 
 
 @numba.njit(**_philox.KERNEL)
-def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w):  # pragma: no cover (compiled)
+def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w, first):  # pragma: no cover (compiled)
     zero = d.dtype.type(0)
     one = d.dtype.type(1)
     for i in range(d.shape[0]):
         v = d[i]
         sign = one if v > zero else (-one if v < zero else zero)  # torch.sign: NaN -> 0
-        score[i] += sign if count else v
+        term = sign if count else v
+        score[i] = term if first else score[i] + term
         if v != v:
             v = zero  # a NaN delta is on neither side
-        mix[i] += v if v > zero else zero
-        neg[i] += v if v < zero else zero
+        pos = v if v > zero else zero
+        low = v if v < zero else zero
+        mix[i] = pos if first else mix[i] + pos
+        neg[i] = low if first else neg[i] + low
         if weighted:
-            neg_w[i] += -w * (sign if sign < zero else zero)
-            pos_w[i] += w * (sign if sign > zero else zero)
+            wn = -w * (sign if sign < zero else zero)
+            wp = w * (sign if sign > zero else zero)
+            neg_w[i] = wn if first else neg_w[i] + wn
+            pos_w[i] = wp if first else pos_w[i] + wp
 
 
 def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor, count: bool,
-              weights: tuple[torch.Tensor, torch.Tensor] | None, w: float) -> None:
+              weights: tuple[torch.Tensor, torch.Tensor] | None, w: float, *, first: bool = False) -> None:
     """taskvec._Sides.add's sums in one pass: the election score, the positive and negative
-    sums and, with `weights` (positive, negative), the weights of each side. d is left as it is."""
+    sums and, with `weights` (positive, negative), the weights of each side; with `first`,
+    the sums are written, not added to (as adding to +0, but for a zero score's sign). d is
+    left as it is."""
     pos_w, neg_w = weights if weights is not None else (mix, mix)  # not read without weights
     _same_size("sides_add", d, score, mix, neg, pos_w, neg_w)
     scalar = _np(d).dtype.type
-    _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w))
+    _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w),
+               first)
+
+
+@numba.njit(**_philox.KERNEL)
+def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pragma: no cover (compiled)
+    zero = mix.dtype.type(0)
+    one = mix.dtype.type(1)
+    for i in range(mix.shape[0]):
+        elected = score[i] >= zero  # a tie elects +, a NaN score -
+        m = mix[i] if elected else neg[i]
+        if weighted:
+            divisor = pos_w[i] if elected else neg_w[i]
+            m = m / (divisor + (one if divisor == zero else zero))  # a zero divisor reads as 1
+        mix[i] = m * lambda_ + base[i]  # two roundings: numba contracts no multiply-add by default
+
+
+def sides_finish(score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None, lambda_: float, base: torch.Tensor) -> None:
+    """taskvec._Sides.finish in one pass: mix = the elected side (divided by its weights, a
+    zero read as 1), times lambda_ (in mix's dtype, as torch's mul_ by a Python number), plus
+    base."""
+    pos_w, neg_w = weights if weights is not None else (mix, mix)
+    _same_size("sides_finish", score, mix, neg, pos_w, neg_w, base)
+    scalar = _np(mix).dtype.type
+    _sides_finish(_np(score), _np(mix), _np(neg), _np(pos_w), _np(neg_w), weights is not None, scalar(lambda_),
+                  _np(base))
 
 
 @numba.njit(**_philox.KERNEL)

@@ -119,8 +119,8 @@ class TaskVectorMethod(Method):
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
         delta = ws.like("taskvec.delta", base)
-        mix = out.zero_()
-        sides = _Sides(ws, mix, p.consensus, p.normalized) if p.sign_election else None
+        sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
+        mix = out if sides is not None else out.zero_()  # _Sides starts its sums itself
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
             x = read(i)
             direct = sides is None and weights[j] == 1.0  # the delta goes straight into the mix
@@ -136,8 +136,9 @@ class TaskVectorMethod(Method):
             else:
                 sides.add(d, weights[j])
         if sides is not None:
-            sides.elect()
-        elif p.normalized:
+            sides.finish(p.lambda_, base)
+            return
+        if p.normalized:
             total = _ordered_sum(weights)
             divide_(mix, total if total != 0.0 else 1.0)
         mix.mul_(p.lambda_)
@@ -159,22 +160,33 @@ class _Sides:
 
     def __init__(self, ws: Workspace, mix: torch.Tensor, consensus: str, normalized: bool) -> None:
         self.mix, self.count = mix, consensus == "count"
-        self.fused = cpu_kernels(mix)  # recipe.library._fused on the CPU: `add` in one pass
-        self.score = ws.like("taskvec.score", mix).zero_()
-        self.neg = ws.like("taskvec.neg", mix).zero_()
+        self.fused = cpu_kernels(mix)  # recipe.library._fused on the CPU: `add` and `finish` in one pass each
+        self.score = ws.like("taskvec.score", mix)
+        self.neg = ws.like("taskvec.neg", mix)
         self.term = ws.like("taskvec.term", mix)
         self.is_pos = ws.like("taskvec.is_pos", mix, torch.bool)
         self.ws = ws
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
         if normalized:
-            self.weights = (ws.like("taskvec.pos_w", mix).zero_(), ws.like("taskvec.neg_w", mix).zero_())
+            self.weights = (ws.like("taskvec.pos_w", mix), ws.like("taskvec.neg_w", mix))
             self.is_zero = ws.like("taskvec.is_zero", mix, torch.bool)
+        self.started = False  # the sums hold nothing yet: the fused add's first call writes them
+
+    def _start(self) -> None:
+        for t in (self.mix, self.score, self.neg, *(self.weights or ())):
+            t.zero_()
+        self.started = True
 
     def add(self, d: torch.Tensor, w: float) -> None:
         """Take in d (the caller's buffer: overwritten)."""
         if self.fused is not None and self.fused.supported(d, self.mix):
-            self.fused.sides_add(d, self.score, self.mix, self.neg, self.count, self.weights, w)
+            # Writing the first terms instead of adding them to +0 changes only the sign of a
+            # zero score (-0.0 for +0.0), which elects the same side.
+            self.fused.sides_add(d, self.score, self.mix, self.neg, self.count, self.weights, w, first=not self.started)
+            self.started = True
             return
+        if not self.started:
+            self._start()
         self.score.add_(torch.sign(d, out=self.term) if self.count else d)
         d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)  # a NaN d is on neither side
         self.mix.add_(torch.clamp(d, min=0.0, out=self.term))
@@ -184,14 +196,20 @@ class _Sides:
             self.weights[1].add_(torch.clamp(sign, max=0.0, out=d), alpha=-w)
             self.weights[0].add_(sign.clamp_(min=0.0), alpha=w)
 
-    def elect(self) -> None:
-        """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1)."""
+    def finish(self, lambda_: float, base: torch.Tensor) -> None:
+        """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1),
+        times lambda_, plus base."""
+        if self.fused is not None and self.fused.supported(self.mix, base):
+            self.fused.sides_finish(self.score, self.mix, self.neg, self.weights, lambda_, base)
+            return
         elected = torch.ge(self.score, 0, out=self.is_pos)  # True: +; a tie elects +, a NaN score -
         pick(elected, self.mix, self.neg, self.ws)
         if self.weights is not None:
             divisor = pick(elected, *self.weights, self.ws)
             is_zero = self.term.copy_(torch.eq(divisor, 0, out=self.is_zero))
             self.mix.div_(divisor.add_(is_zero))  # a zero divisor (+0 or -0) + 1 = 1; the others + 0
+        self.mix.mul_(lambda_)
+        self.mix.add_(base)
 
 
 def _ordered_sum(values: tuple[float, ...]) -> float:
