@@ -420,11 +420,11 @@ FUSED_CONFIGS = [
 
 def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
     """On the CPU, TIES's and DELLA's deltas, every sign election's sums and its final pick take
-    one fused pass each (_fused.topk_delta, della_delta, sides_add, sides_finish); a GPU takes
+    one fused pass each (_fused.topk_delta, topk_sides_add, della_delta, sides_add, sides_finish); a GPU takes
     torch operations. Same bits, with NaN, inf and zero deltas, float32 and float64, many chunks."""
     from astolfo_dist.recipe.library import _fused
 
-    calls = {"topk_delta": 0, "sides_add": 0, "sides_finish": 0, "della_delta": 0}
+    calls = {"topk_delta": 0, "sides_add": 0, "topk_sides_add": 0, "sides_finish": 0, "della_delta": 0}
     for name in calls:
         def counted(*args, _kernel=getattr(_fused, name), _name=name, **kwargs):
             calls[_name] += 1

@@ -47,25 +47,43 @@ def _same_size(what: str, *tensors: torch.Tensor) -> None:
 
 
 @numba.njit(**_philox.KERNEL)
-def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key, buf, buf_bits):
+def _topk_tile(x, base, s, m, first, threshold, cut, sign_cleared, nan_key, buf, buf_bits):  # pragma: no cover
+    """buf[:m] = x[s:s+m] - base[s:s+m] where the top-k keeps it, else +0.0 (first: the
+    element index of x[s])."""
+    for i in range(m):
+        buf[i] = x[s + i] - base[s + i]
+    for i in range(m):  # stats.magnitude_bits, then TopKResult.mask: greater, or tied before the cut
+        key = min(buf_bits[i] & sign_cleared, nan_key)
+        keep = (key > threshold) | ((key == threshold) & (first + i < cut))
+        buf_bits[i] = buf_bits[i] if keep else 0  # +0.0, as keep_only's AND
+
+
+@numba.njit(**_philox.KERNEL)
+def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key, buf,
+                buf_bits):  # pragma: no cover (compiled)
     n = out.shape[0]
     for s in range(0, n, buf.shape[0]):
-        e = min(s + buf.shape[0], n)
-        m = e - s
-        xs, bs, os = x[s:e], base[s:e], out[s:e]
-        for i in range(m):
-            buf[i] = xs[i] - bs[i]
-        first = start + s
-        for i in range(m):  # stats.magnitude_bits, then TopKResult.mask: greater, or tied before the cut
-            key = min(buf_bits[i] & sign_cleared, nan_key)
-            keep = (key > threshold) | ((key == threshold) & (first + i < cut))
-            buf_bits[i] = buf_bits[i] if keep else 0  # +0.0, as keep_only's AND
+        m = min(s + buf.shape[0], n) - s
+        _topk_tile(x, base, s, m, start + s, threshold, cut, sign_cleared, nan_key, buf, buf_bits)
         if accumulate:
             for i in range(m):
-                os[i] += buf[i]
+                out[s + i] += buf[i]
         else:
             for i in range(m):
-                os[i] = buf[i]
+                out[s + i] = buf[i]
+
+
+def _threshold_and_cut(result) -> tuple[np.int64, np.int64]:
+    """A stats.TopKResult as the kernels test it: keep a key above the threshold, or equal to
+    it at an element index below the cut."""
+    if result.k == 0:
+        threshold, cut = np.iinfo(np.int64).max, 0  # none kept
+    elif result.k == result.numel:
+        threshold, cut = -1, 0  # every key is above -1
+    else:
+        threshold = result.threshold_bits
+        cut = result.cut_index if result.n_equal_to_keep else 0
+    return np.int64(threshold), np.int64(cut)
 
 
 def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: int, result, *,
@@ -74,17 +92,10 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
     stats.TopKResult over the deltas) keeps the element, else +0.0. Bit for bit torch.sub,
     TopKResult.mask, keep_only and add_."""
     _same_size("topk_delta", out, x, base)
-    if result.k == 0:
-        threshold, cut = np.iinfo(np.int64).max, 0  # none kept
-    elif result.k == result.numel:
-        threshold, cut = -1, 0  # every key is above -1
-    else:
-        threshold = result.threshold_bits
-        cut = result.cut_index if result.n_equal_to_keep else 0
-    buf = np.empty(min(TILE, max(1, out.numel())), dtype=_np(out).dtype)
+    buf = _tile(out)
     ints, sign_cleared, nan_key = _key_constants(out.dtype)
-    _topk_delta(_np(x), _np(base), _np(out), accumulate, start, np.int64(threshold), np.int64(cut),
-                sign_cleared, nan_key, buf, buf.view(ints))
+    _topk_delta(_np(x), _np(base), _np(out), accumulate, start, *_threshold_and_cut(result), sign_cleared, nan_key,
+                buf, buf.view(ints))
 
 
 @numba.njit(**_philox.KERNEL)
@@ -120,6 +131,34 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
     scalar = _np(d).dtype.type
     _sides_add(_np(d), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None, scalar(w),
                first)
+
+
+@numba.njit(**_philox.KERNEL)
+def _topk_sides(x, base, start, threshold, cut, sign_cleared, nan_key, scaled, w, score, mix, neg, count, pos_w,
+                neg_w, weighted, first, buf, buf_bits):  # pragma: no cover (compiled)
+    n = x.shape[0]
+    for s in range(0, n, buf.shape[0]):
+        m = min(s + buf.shape[0], n) - s
+        _topk_tile(x, base, s, m, start + s, threshold, cut, sign_cleared, nan_key, buf, buf_bits)
+        if scaled:
+            for i in range(m):
+                buf[i] = buf[i] * w
+        e = s + m  # the sums of this tile, while its delta is in the cache (a call per tile, not per element)
+        _sides_add(buf[:m], score[s:e], mix[s:e], neg[s:e], count, pos_w[s:e], neg_w[s:e], weighted, w, first)
+
+
+def topk_sides_add(x: torch.Tensor, base: torch.Tensor, start: int, result, w: float, score: torch.Tensor,
+                   mix: torch.Tensor, neg: torch.Tensor, count: bool,
+                   weights: tuple[torch.Tensor, torch.Tensor] | None, *, first: bool) -> None:
+    """topk_delta, times w (unless w is 1), then sides_add, in one pass: the delta never
+    leaves the cache. Bit for bit the three."""
+    pos_w, neg_w = weights if weights is not None else (mix, mix)
+    _same_size("topk_sides_add", x, base, score, mix, neg, pos_w, neg_w)
+    buf = _tile(mix)
+    ints, sign_cleared, nan_key = _key_constants(mix.dtype)
+    _topk_sides(_np(x), _np(base), start, *_threshold_and_cut(result), sign_cleared, nan_key, w != 1.0,
+                buf.dtype.type(w), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w), weights is not None,
+                first, buf, buf.view(ints))
 
 
 @numba.njit(**_philox.KERNEL)

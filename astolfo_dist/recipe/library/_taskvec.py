@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from ..stats import TopKResult
 from ..workspace import Workspace
 from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, hist_bits_for
 from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights
@@ -112,6 +113,12 @@ class TaskVectorMethod(Method):
         False: none here, use the default."""
         return False
 
+    def fused_sides(self, state: State, j: int, start: int, x: torch.Tensor, base: torch.Tensor, sides: _Sides,
+                    w: float) -> bool:
+        """Optional fast path: sides.add(w * sparsify(x - base), w) in one pass, bit for bit.
+        False: none here."""
+        return False
+
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
         p: TaskVectorParams = self.params
         ws = self.workspace
@@ -123,6 +130,8 @@ class TaskVectorMethod(Method):
         mix = out if sides is not None else out.zero_()  # _Sides starts its sums itself
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
             x = read(i)
+            if sides is not None and self.fused_sides(state, j, start, x, base, sides, weights[j]):
+                continue
             direct = sides is None and weights[j] == 1.0  # the delta goes straight into the mix
             if self.fused_delta(state, j, i, start, x, base, mix if direct else delta, accumulate=direct):
                 if direct:
@@ -195,6 +204,16 @@ class _Sides:
             sign = torch.sign(d, out=self.term)
             self.weights[1].add_(torch.clamp(sign, max=0.0, out=d), alpha=-w)
             self.weights[0].add_(sign.clamp_(min=0.0), alpha=w)
+
+    def add_topk(self, x: torch.Tensor, base: torch.Tensor, start: int, result, w: float) -> bool:
+        """add(w * (x - base kept by the top-k `result`), w) in one fused pass; False where
+        the kernels do not take these tensors."""
+        if self.fused is None or not self.fused.supported(x, base, self.mix):
+            return False
+        self.fused.topk_sides_add(x, base, start, result, w, self.score, self.mix, self.neg, self.count, self.weights,
+                                  first=not self.started)
+        self.started = True
+        return True
 
     def finish(self, lambda_: float, base: torch.Tensor) -> None:
         """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1),
@@ -297,14 +316,28 @@ class SelectingMethod(TaskVectorMethod):
             for x, y in zip(sa, sb, strict=True):
                 x.merge(y)
 
+    def _single_selection(self, state: SelectionState, j: int, x: torch.Tensor) -> TopKResult | None:
+        """Input j's one selection, where its result alone is the keep mask (TIES), else None."""
+        sels = state.selections[j]
+        overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
+        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, x.dtype):
+            return None
+        return sels[0].result
+
+    def fused_sides(self, state: SelectionState, j: int, start: int, x: torch.Tensor, base: torch.Tensor,
+                    sides: _Sides, w: float) -> bool:
+        """On the CPU, with one selection per input (TIES): subtract, mask, weigh and take the
+        delta into the sign election's sums in one pass (_fused.topk_sides_add)."""
+        result = self._single_selection(state, j, x)
+        return result is not None and sides.add_topk(x, base, start, result, w)
+
     def fused_delta(self, state: SelectionState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
         one pass (_fused.topk_delta). Otherwise the default."""
-        sels = state.selections[j]
-        overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
-        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, x.dtype):
+        if self._single_selection(state, j, x) is None:
             return False
+        sels = state.selections[j]
         kernels = cpu_kernels(out, x, base)
         if kernels is None:
             return False
