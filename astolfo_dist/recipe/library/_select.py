@@ -32,15 +32,35 @@ selection with statistics that are sums and sets:
   (TIES, breadcrumbs: a zero delta adds nothing and never agrees with an elected sign) gets
   the same output without the index passes.
 
-Typical passes: 2 for float32 magnitudes of real tensors (1 for tensors of one value, or of
-at most COLLECT_CAP elements), plus a tie split over one chunk; at most `MAX_PASSES`. Why
-the wide first digit: every pass re-reads all inputs and recomputes their deltas, so a third
-pass cost TIES a third more time (benchmarks/methods.py). State per selection: one histogram
+The first pass's band (CPU kernels only; a GPU takes the passes above). An exact k-th
+largest needs two passes over data it cannot hold, unless a guess is right: the first chunk
+a copy of the state sees gives a histogram, and from it an estimate of the digit holding the
+threshold; the band is the digits around it (`_choose_band`: a few binomial deviations of
+the estimate and BAND_MARGIN of the chunk each side, within BAND_BUDGET). The pass then
+gathers every key in the band with its index and counts the keys above it
+(`_fused.band_gather`), beside the histogram until a quarter of the tensor has been seen;
+then `_check_band` either confirms the band (the threshold's rank lies well inside it so
+far: the histogram stops, 1.4 ns per element less) or drops it (the rank left it: the pass
+stays a plain histogram pass). At the end, if above < need <= above + gathered, ranking the
+gathered keys settles the threshold and the tie split at once: one statistic pass. If a
+confirmed band misses after all (deltas that change late in the tensor), the pass is repeated
+without one. Bands of copies that saw different first chunks merge to the digits both
+gathered. Deltas alike along a tensor (the benchmark's inputs) take one pass; deltas that
+vary along it take the two of the histogram passes, plus the band's gathering over a quarter
+of the first (or, rarely, one more pass).
+
+Typical passes: 1 on the CPU where the band holds the threshold; else 2 for float32
+magnitudes of real tensors (1 for tensors of one value, or of at most COLLECT_CAP elements),
+plus a tie split over one chunk; at most `MAX_PASSES`. Why the wide first digit: every pass
+re-reads all inputs and recomputes their deltas, so a third pass cost TIES a third more time
+(benchmarks/methods.py). State per selection: one histogram
 of 2**max_bits int32 counts during a pass (256 KiB at 16 bits; callers holding many
 selections at once lower max_bits so that a tensor's histograms stay within HIST_BUDGET, see
 `hist_bits_for`), or at most COLLECT_CAP candidate pairs (16 KiB), and the settling pass's
 per-chunk records: a few numbers per chunk, and distinct keys within CHUNK_KEYS_BUDGET for
-all selections of a tensor (`chunk_keys_cap`).
+all selections of a tensor (`chunk_keys_cap`); in the first pass, the band's keys and
+indices within BAND_BUDGET for all selections of a tensor (`band_cap_for`). STATE_BUDGET is
+their sum, which `--memory` reserves per worker (Method.state_bytes).
 """
 
 from __future__ import annotations
@@ -318,10 +338,7 @@ class Selection:
 
     def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int) -> None:
         """This chunk's band keys, written by the kernel straight into the band's free room."""
-        if self.band_key is None or self.band_index is None:  # allocated once, never grown
-            self.band_key = torch.empty(self.band_room, dtype=torch.int64)
-            self.band_index = torch.empty(self.band_room, dtype=torch.int64)
-        free = self.band_key[self.band_count :], self.band_index[self.band_count :]
+        free = (t[self.band_count :] for t in self._band_storage())
         banded, above = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *free, start)
         self.band_above += above
         self.band_seen += x.numel()
@@ -349,14 +366,18 @@ class Selection:
         """Merging copies: their keys into this band's room."""
         m = keys.numel()
         if self.band_count + m > self.band_room:
-            self._band_off()  # more keys than the first chunk predicted: the pass is repeated without
+            self._band_off()  # more keys than the first chunks predicted
             return
+        band_key, band_index = self._band_storage()
+        band_key[self.band_count : self.band_count + m].copy_(keys)
+        band_index[self.band_count : self.band_count + m].copy_(index)
+        self.band_count += m
+
+    def _band_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.band_key is None or self.band_index is None:  # allocated once, never grown
             self.band_key = torch.empty(self.band_room, dtype=torch.int64)
             self.band_index = torch.empty(self.band_room, dtype=torch.int64)
-        self.band_key[self.band_count : self.band_count + m].copy_(keys)
-        self.band_index[self.band_count : self.band_count + m].copy_(index)
-        self.band_count += m
+        return self.band_key, self.band_index
 
     def _band_off(self) -> None:
         self.band_open, self.band, self.band_key, self.band_index = False, None, None, None

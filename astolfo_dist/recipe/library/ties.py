@@ -3,7 +3,8 @@
 1. Trim, exactly: for every non-base input, keep the k = ceil(density * numel) largest
    |x_i - base| of the tensor (density read as the decimal it is written as, see
    stats.k_for_density; ties at the threshold kept in element-index order), zero the rest.
-   The selection is the exact radix selection of _select.py: typically 2-3 statistic passes.
+   The selection is the exact radix selection of _select.py: one statistic pass on the CPU
+   where the first pass's band holds the threshold, else typically 2-3.
    Ties at |delta| = 0 are never split (a zero delta changes no output value).
 2. Elect a sign per element from the weighted, trimmed deltas: by their sum ("sum", mass)
    or by the count of signs ("count"); a tie elects +.
