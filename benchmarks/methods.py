@@ -267,8 +267,15 @@ def phase(frames: list[str]) -> str:
     """Which part of the merge a worker sample is in, as 'group: detail' (frames root first, py-spy's names)."""
     names = [_name(f) for f in frames]
     has = set(names).__contains__
-    if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") for n in names):
+    if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") or n.endswith(".read_into")
+           for n in names) or names[-1:] == ["_TensorGraph._value"]:  # the graph's read: pread, then the copy
         return "read inputs: pread + fp16->fp32 copy"
+    if has("band_gather"):
+        return "selection passes: the first pass's band (band_gather)"
+    if has("topk_sides_add"):
+        return "combine: ties fused masked delta into the election sums (topk_sides_add)"
+    if has("sides_finish"):
+        return "combine: fused election pick, lambda and base (sides_finish)"
     if has("drop_delta_"):
         return "combine: dare fused delta (sub, Philox mask, rescale, add)"
     if has("topk_delta"):

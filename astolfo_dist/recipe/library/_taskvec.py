@@ -150,7 +150,8 @@ class TaskVectorMethod(Method):
         if p.normalized:
             total = _ordered_sum(weights)
             divide_(mix, total if total != 0.0 else 1.0)
-        mix.mul_(p.lambda_)
+        if p.lambda_ != 1.0:  # x * 1.0 is x: skip the pass
+            mix.mul_(p.lambda_)
         mix.add_(base)
 
 
