@@ -20,6 +20,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from astolfo_dist.errors import UsageError
 from astolfo_dist.recipe.library import REGISTRY, build
@@ -914,6 +916,35 @@ def test_a_band_that_misses_costs_a_pass_not_a_wrong_answer(kind):
     sel = select_in_passes(x, k, chunk, **options)
     assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
     assert sel.result.passes == {"drift": 2, "late shift": 3, "no room": 2}[kind]
+
+
+@settings(max_examples=120, deadline=None, database=None)
+@given(
+    numel=st.integers(COLLECT_CAP + 1, 40_000),
+    density=st.floats(0.0, 1.0),
+    chunk=st.integers(64, 20_000),
+    copies=st.integers(1, 3),
+    kind=st.sampled_from(["normal", "drift", "late shift", "float16 grid", "mostly zero", "float64"]),
+    band_cap=st.sampled_from([None, 2000, 64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_band_or_not_the_selection_is_exact(numel, density, chunk, copies, kind, band_cap, seed):
+    """Any tensor, k, chunking, split between copies and band room: the whole-tensor answer,
+    whichever way the first pass's band went (held the threshold, dropped, overflowed, missed)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen, dtype=torch.float64 if kind == "float64" else torch.float32)
+    if kind == "drift":
+        x *= torch.linspace(1.0, 5.0, numel)
+    elif kind == "late shift":
+        x[numel // 2 :] *= 4.0
+    elif kind == "float16 grid":
+        x = (x * 0.05).half().float() - (torch.randn(numel, generator=gen) * 0.05).half().float()
+    elif kind == "mostly zero":
+        x[torch.rand(numel, generator=gen) < 0.9] = 0.0
+    k = round(density * numel)
+    sel = select_in_passes(x, k, chunk, copies, band_cap=band_cap)
+    assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
+    assert sel.result.n_greater + sel.result.n_equal_to_keep == k
 
 
 def _output(method: Method, state, xs: list[torch.Tensor], start: int, chunk: int) -> torch.Tensor:
