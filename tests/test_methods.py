@@ -855,10 +855,11 @@ def topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def select_in_passes(x: torch.Tensor, k: int, chunk: int, copies: int = 1, **options) -> Selection:
+def select_in_passes(x: torch.Tensor, k: int, chunk: int, copies: int = 1, *, inert_zeros: bool = False,
+                     **options) -> Selection:
     """Selection over x in chunks of `chunk`; each pass split between `copies` copies of the state
     (chunk i to copy i % copies), merged, then ended."""
-    sel = Selection(x.numel(), k, inert_zeros=False, **options)
+    sel = Selection(x.numel(), k, inert_zeros=inert_zeros, **options)
     while not sel.done:
         parts = [copy.deepcopy(sel) for _ in range(copies)]
         for i, s in enumerate(range(0, x.numel(), chunk)):
@@ -916,6 +917,22 @@ def test_a_band_that_misses_costs_a_pass_not_a_wrong_answer(kind):
     sel = select_in_passes(x, k, chunk, **options)
     assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
     assert sel.result.passes == {"drift": 2, "late shift": 3, "no room": 2}[kind]
+
+
+def test_inert_zeros_are_kept_whole_whichever_pass_settles_them():
+    """TIES's selections never split ties at zero (a zero delta changes nothing): the band's
+    ranking keeps them all as the histogram passes do, so the result is the same for any
+    chunking, band or not (but for how many passes it took)."""
+    numel, k = 40_000, 20_000
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(numel, generator=gen)
+    x[torch.rand(numel, generator=gen) < 0.9] = 0.0
+    results = {(chunk, cap): select_in_passes(x, k, chunk, inert_zeros=True, band_cap=cap).result
+               for chunk in (4000, numel) for cap in (None, 0)}
+    assert {r.passes for r in results.values()} == {1, 2}  # the band settled some, histograms the others
+    assert len({dataclasses.replace(r, passes=0) for r in results.values()}) == 1
+    first = next(iter(results.values()))
+    assert first.threshold_bits == 0 and first.n_equal_to_keep == first.n_equal and first.cut_index == numel
 
 
 @settings(max_examples=120, deadline=None, database=None)

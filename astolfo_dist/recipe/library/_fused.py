@@ -124,8 +124,8 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
               weights: tuple[torch.Tensor, torch.Tensor] | None, w: float, *, first: bool = False) -> None:
     """taskvec._Sides.add's sums in one pass: the election score, the positive and negative
     sums and, with `weights` (positive, negative), the weights of each side; with `first`,
-    the sums are written, not added to (as adding to +0, but for a zero score's sign). d is
-    left as it is."""
+    the sums are written, not added to (as adding to +0, but for the sign of a zero score or
+    weight sum, which changes no output). d is left as it is."""
     pos_w, neg_w = weights if weights is not None else (mix, mix)  # not read without weights
     _same_size("sides_add", d, score, mix, neg, pos_w, neg_w)
     scalar = _np(d).dtype.type

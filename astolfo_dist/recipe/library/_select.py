@@ -82,7 +82,8 @@ COLLECT_CAP = 1024
 CHUNK_KEYS_BUDGET = 4 << 20  # bytes of per-chunk tie records (16 per key) the selections of one tensor hold
 BAND_BUDGET = 32 << 20  # bytes of first-pass band candidates (BAND_ENTRY each) the selections of one tensor hold
 BAND_ENTRY = 16  # bytes per band candidate, as held (an int64 key and an int64 index)
-STATE_BUDGET = HIST_BUDGET + CHUNK_KEYS_BUDGET + BAND_BUDGET  # what the selections of one tensor hold at most
+# What the selections of one tensor hold at most: the band twice, for its ranking's and merging's temporaries.
+STATE_BUDGET = HIST_BUDGET + CHUNK_KEYS_BUDGET + 2 * BAND_BUDGET
 BAND_SIGMAS = 4.0  # the band's half-width: this many binomial standard deviations of the first chunk's estimate
 BAND_MARGIN = 0.005  # plus this fraction of the first chunk's elements, for deltas that vary along a tensor
 MAX_INDEX_BITS = 62  # rng.py's element-index range
@@ -152,10 +153,11 @@ class Selection:
     window: tuple[int, int] | None = None  # index stage: only elements [lo, hi) hold kept ties
     grid: dict[int, int] | None = None  # with a window: the settling pass's chunks, start -> length
     # The first pass's band (CPU kernels only): the digits [lo, hi] around where the first chunk
-    # this copy saw puts the threshold. Instead of a histogram, the pass gathers every key in
-    # them with its index and counts the keys above: if the threshold is in the band, ranking
-    # its keys settles the selection in that one pass, ties included; if not, the pass is
-    # repeated as a histogram pass (_choose_band, _end_band).
+    # this copy saw puts the threshold. Beside the histogram (and, once _check_band confirms
+    # the band, instead of it), the pass gathers every key in them with its index and counts
+    # the keys above: if the threshold is in the band, ranking its keys settles the selection
+    # in that one pass, ties included (_settle_from_band); if not, the histogram goes on, or
+    # if it had stopped, the pass is repeated as a histogram pass.
     band_open: bool = True  # not chosen yet: this copy saw no chunk of the first pass
     band: tuple[int, int] | None = None  # None once chosen: no band (it missed, overflowed, or none fits)
     band_key: torch.Tensor | None = None  # CPU int64, the first band_count entries in use
@@ -296,8 +298,6 @@ class Selection:
         final = self.known + digit_bits == width
         key_int = torch.int64 if _PATTERNS[self.dtype].bits > 31 else torch.int32
         n = x.numel()
-        if self.band_open and (self.known or self.hist is not None):
-            self._band_off()  # a band is chosen from the first pass's first chunk only
         if self.uncounted:  # the band was confirmed: it alone counts (if it overflowed, nothing does)
             if self.band is not None:
                 self._band_gather(fused, x, base, start)
@@ -307,7 +307,7 @@ class Selection:
             self.hist = torch.zeros(1 << digit_bits, dtype=self._count_dtype())
         count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out,
                                               base=base)
-        if self.band_open:  # the first chunk: its counts choose the band (if one fits)
+        if self.band_open and n:  # the first chunk: its counts choose the band (if one fits)
             self._choose_band(fused, self.hist, n)
         if self.band is not None:
             self._band_gather(fused, x, base, start)
@@ -351,7 +351,9 @@ class Selection:
         band so far (a quarter of its width from either edge), the band is confirmed and the
         histogram stops (the pass then settles from the band or, if the rest of the tensor moves
         the rank out of it, is repeated); if the rank falls outside it, the band is dropped and
-        the pass stays a histogram pass. Deltas that vary along the tensor thus cost little."""
+        the pass stays a histogram pass. Deltas that vary along the tensor thus cost little.
+        A copy counts what it saw itself: split between more than four copies, none confirms
+        (the histogram runs to the end; the band may still settle the pass)."""
         if self.band is None or 4 * self.band_seen < self.numel:
             return
         rank = self.need / self.numel
@@ -484,7 +486,7 @@ class Selection:
             self.band, self.band_room, self.band_above = other.band, other.band_room, other.band_above
             self.band_seen = other.band_seen
             if other.band is not None:
-                self._band_add(*(t.clone() for t in other._band_entries()))
+                self._band_add(*other._band_entries())
             return
         if self.band is None or other.band is None:
             self._band_off()
@@ -589,12 +591,15 @@ class Selection:
             return
         index = self.cand_index.numpy() if self.cand_index is not None else np.empty(0, dtype=np.int64)
         greater = int(np.count_nonzero(keys > chosen))
-        tied = np.sort(index[keys == chosen], kind="stable")
+        tied = np.sort(index[keys == chosen])
         self.n_greater += greater
         self.need -= greater
         self.cand_key = self.cand_index = None
         self.threshold_bits = chosen
         self.n_equal = tied.size
+        if chosen == 0 and self.inert_zeros:  # as _settle_threshold: every zero kept, whatever the pass
+            self._finish(self.dtype, chosen, self.n_greater, self.n_equal, self.n_equal, self.numel)
+            return
         cut = self.numel if self.need == self.n_equal else int(tied[self.need - 1]) + 1
         self._finish(self.dtype, chosen, self.n_greater, self.n_equal, self.need, cut)
 

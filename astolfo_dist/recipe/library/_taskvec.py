@@ -190,8 +190,9 @@ class _Sides:
     def add(self, d: torch.Tensor, w: float) -> None:
         """Take in d (the caller's buffer: overwritten)."""
         if self.fused is not None and self.fused.supported(d, self.mix):
-            # Writing the first terms instead of adding them to +0 changes only the sign of a
-            # zero score (-0.0 for +0.0), which elects the same side.
+            # Writing the first terms instead of adding them to +0 changes only the sign of
+            # zeros (-0.0 for +0.0) in the score, which elects the same side, and in the
+            # weight sums, whose zeros finish reads as 1 either way.
             self.fused.sides_add(d, self.score, self.mix, self.neg, self.count, self.weights, w, first=not self.started)
             self.started = True
             return

@@ -30,15 +30,18 @@ data (an exact top-k selection stops when few candidates are left; Weiszfeld sto
 its weights settle), so the driver asks `ready(state)` after each `end_pass`.
 
 Splitting a pass between workers. A state is a small picklable value (O(n_inputs) numbers,
-or a few histograms of at most a few thousand counts per input, never O(numel)). To split
+or a few histograms of at most a few thousand counts per input, never O(numel); an exact
+top-k selection's first pass also holds a band of candidates, within a fixed budget:
+library/_select.py). To split
 pass p, give every worker a copy (pickle / copy.deepcopy) of the state as it stood after
 `begin` or the previous `end_pass`; each worker observes its chunks; the driver folds the
 copies with `merge_states` and calls `end_pass` once (mid-pass, counts stay on the device
 their chunks were on, so that a GPU need not wait for them per chunk; `merge_states` folds
 them onto the first state's device). Every statistic is order-free and
 exact: integer counts, exact (error-free, superaccumulator) sums of float64 terms, and sets
-of candidates that are sorted before use. So the state after `end_pass`, and hence every
-output bit, is the same for any chunk size, chunk order and split between workers. Only
+of candidates that are sorted before use. So the final state (but for how many passes it
+took: the top-k selection's first-pass band may settle it early), and hence every output
+bit, is the same for any chunk size, chunk order and split between workers. Only
 `end_pass` runs scalar floating-point maths (square roots, arc cosines): it runs once, on
 the driver, and its results travel inside the state.
 
