@@ -12,7 +12,7 @@ from conftest import make_models
 N_SMALL, N_LARGE = 4, 32
 SCALE = 32  # SD1.5 layout, every dimension / 32: all 1,143 keys, ~1 MB per model
 BAND = 0.10
-MEMORY = "700MB"  # numba and the kernels (budget.NUMBA_KERNELS) are ~160 MiB of it, the selections' statistics 80 MiB a worker
+MEMORY = "700MB"  # numba and the kernels (budget.NUMBA_KERNELS) ~160 MiB; the statistics 80 MiB a worker
 
 # Started with -I -S so that it is small: it runs the merge and reports the child's ru_maxrss
 # (RUSAGE_CHILDREN of a process with exactly one child). The merge is not forked from pytest,
