@@ -441,7 +441,8 @@ def _kernels(n: int) -> dict:
     score, neg = torch.zeros(n), torch.zeros(n)
 
     def feed(later: bool):
-        sel = Selection(n * 64, n * 13, inert_zeros=True)  # a histogram pass, whatever n is
+        # A histogram pass, whatever n is (no band: a GPU's passes, or a CPU's where the band is dropped)
+        sel = Selection(n * 64, n * 13, inert_zeros=True, band_cap=0)
         sel.dtype = torch.float32
         if later:  # the second pass: the first digit is known
             sel.known, sel.prefix = sel._digit_bits(), 500
@@ -457,6 +458,13 @@ def _kernels(n: int) -> dict:
         settled.feed(x, 0)
         settled.end_pass()
     acc = ExactSum()
+    hist = torch.zeros(1 << 16, dtype=torch.int32)
+    keys = (x - z).abs().view(torch.int32) >> 15
+    digit = int(keys.kthvalue(max(1, n - n // 5)).values)  # x - z's threshold digit at density 0.2
+    slots = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    mix, pos_w, neg_w = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    # The election's sums as finish sees them (fresh: the sums above grow with every timed call).
+    sums = [torch.randn(n, generator=gen) for _ in range(3)] + [torch.rand(n, generator=gen) for _ in range(2)]
     return {
         "uniform, per input: fp16 -> fp32 copy_ + add_": lambda: y.copy_(x16).add_(x),
         "dare, per input: fused delta on the CPU (rng.drop_delta_)":
@@ -465,10 +473,19 @@ def _kernels(n: int) -> dict:
             lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
         "ties, per input and pass: Selection.feed, first pass (histogram)": feed(False),
         "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(True),
+        "ties, per input, first pass: x - base and histogram on the CPU (_fused.digit_histogram)":
+            lambda: _fused.digit_histogram(x, 0, 0, 31, 16, hist, None, base=z),
+        "ties, per input, first pass: x - base and a 3-digit band on the CPU (_fused.band_gather)":
+            lambda: _fused.band_gather(x, z, 15, digit - 1, digit + 1, *slots, 0),
         "ties, per input, in output: fused masked delta on the CPU (_fused.topk_delta)":
             lambda: _fused.topk_delta(y, x, z, 0, settled.result, accumulate=False),
         "ties, per input, in output: fused election sums on the CPU (_fused.sides_add)":
             lambda: _fused.sides_add(x, score, y, neg, False, None, 1.0),
+        "ties, per input, in output: masked delta into the election sums (_fused.topk_sides_add)":
+            lambda: _fused.topk_sides_add(x, z, 0, settled.result, 0.5, score, mix, neg, False, (pos_w, neg_w),
+                                          first=False),
+        "ties, per chunk, in output: election pick, lambda, + base (_fused.sides_finish, and a copy_)":
+            lambda: _fused.sides_finish(sums[0], sums[1].copy_(x), sums[2], (sums[3], sums[4]), 0.3, z),
         "ties, per input, in output: Selection.mask (the GPU's path)": lambda: settled.mask(x, 0),
         "geometric_median, per input and iteration: exact_dot(d, d)": lambda: exact_dot(x, x, acc),
     }
