@@ -27,6 +27,11 @@ _LOW32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
 KERNEL = dict(cache=True, nogil=True, error_model="numpy")
 
 
+def flat(t) -> np.ndarray:
+    """A contiguous torch tensor as the 1-D numpy view the kernels take."""
+    return t.numpy() if t.dim() == 1 else t.view(-1).numpy()  # view(-1) alone costs 0.7 us a call
+
+
 @numba.njit(**KERNEL)
 def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
     """out[4q : 4q + 4] = block first_block + q of `stream` (uint32 k0, k1, c2, c3): Philox-4x32-10

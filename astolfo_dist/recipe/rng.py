@@ -225,9 +225,9 @@ def drop_delta_(
         raise ValueError(f"drop_delta_: sizes differ: {out.numel()}, {x.numel()}, {base.numel()}")
     _check_range(start, out.numel())
     if out.numel():
-        from ._philox import drop_delta
+        from ._philox import drop_delta, flat
 
-        arrays = [(t if t.dim() == 1 else t.view(-1)).numpy() for t in tensors]  # view(-1) alone: 0.7 us a call
+        arrays = [flat(t) for t in tensors]
         scalar = arrays[0].dtype.type
         drop_delta(arrays[1], arrays[2], arrays[0], accumulate, stream(seed, input_index, key), start,
                    np.uint64(keep_threshold(p)), scalar(1.0 if divisor is None else divisor), divisor is not None)

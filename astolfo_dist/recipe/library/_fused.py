@@ -36,8 +36,7 @@ def _key_constants(dtype: torch.dtype) -> tuple[type, np.integer, np.integer]:
 supported = kernel_takes  # which tensors these kernels take (tests switch the kernels off here)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.numpy() if t.dim() == 1 else t.view(-1).numpy()  # view(-1) alone costs 0.7 us a call
+_np = _philox.flat
 
 
 def _same_size(what: str, *tensors: torch.Tensor) -> None:

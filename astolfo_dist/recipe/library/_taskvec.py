@@ -337,13 +337,11 @@ class SelectingMethod(TaskVectorMethod):
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
         one pass (_fused.topk_delta). Otherwise the default."""
-        if self._single_selection(state, j, x) is None:
-            return False
-        sels = state.selections[j]
-        kernels = cpu_kernels(out, x, base)
+        result = self._single_selection(state, j, x)
+        kernels = None if result is None else cpu_kernels(out, x, base)
         if kernels is None:
             return False
-        kernels.topk_delta(out, x, base, start, sels[0].result, accumulate=accumulate)
+        kernels.topk_delta(out, x, base, start, result, accumulate=accumulate)
         return True
 
     def sparsify(self, state: SelectionState, j: int, i: int, start: int, delta: torch.Tensor) -> None:
