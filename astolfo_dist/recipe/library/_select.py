@@ -248,7 +248,7 @@ class Selection:
         kernels = (cpu_kernels(x) if base is None else cpu_kernels(x, base)) if fusable else None
         if kernels is not None:
             self._feed_histogram_fused(kernels, x.reshape(-1), None if base is None else base.reshape(-1), start,
-                                       scratch)
+                                       scratch, key_int)
             return
         if self.band_open or self.band is not None:
             self._band_off()  # the torch path gathers no band
@@ -290,13 +290,14 @@ class Selection:
         if keys.numel():
             self._see(*torch.aminmax(keys))
 
-    def _feed_histogram_fused(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch) -> None:
+    def _feed_histogram_fused(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch,
+                              key_int: torch.dtype) -> None:
         """The magnitude histogram pass of `feed` in one pass over the chunk (_fused.digit_histogram):
         the same counts, extremes and records as the torch operations it stands for. In a first
-        pass, also the band's keys (_fused.band_gather); once the band is confirmed, only those."""
+        pass with a band, _fused.band_gather counts the histogram and gathers the band's keys in
+        one pass; once the band is confirmed, it only gathers."""
         width, digit_bits = self._width(), self._digit_bits()
         final = self.known + digit_bits == width
-        key_int = torch.int64 if _PATTERNS[self.dtype].bits > 31 else torch.int32
         n = x.numel()
         if self.uncounted:  # the band was confirmed: it alone counts (if it overflowed, nothing does)
             if self.band is not None:
@@ -305,13 +306,17 @@ class Selection:
         keys_out = scratch("select.picked", key_int) if final and self.known and self.chunk_keys else None
         if self.hist is None:
             self.hist = torch.zeros(1 << digit_bits, dtype=self._count_dtype())
-        count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out,
-                                              base=base)
-        if self.band_open and n:  # the first chunk: its counts choose the band (if one fits)
-            self._choose_band(fused, self.hist, n)
-        if self.band is not None:
-            self._band_gather(fused, x, base, start)
+        if self.band is not None:  # the band and the first digit's histogram, in one pass
+            count, (lo, hi) = n, self._band_gather(fused, x, base, start, hist=self.hist)
             self._check_band()
+        else:
+            count, lo, hi = fused.digit_histogram(x, self.known, self.prefix, width, digit_bits, self.hist, keys_out,
+                                                  base=base)
+            if self.band_open and n:  # the first chunk: its counts choose the band (if one fits)
+                self._choose_band(fused, self.hist, n)
+                if self.band is not None:  # and this chunk's keys in it (its counts are in)
+                    self._band_gather(fused, x, base, start)
+                    self._check_band()
         self._record_chunk(start, n, count, None if keys_out is None else keys_out[:count], final=final)
         if count:
             self._see(torch.tensor(lo), torch.tensor(hi))
@@ -336,15 +341,19 @@ class Selection:
                 return  # one digit holds more than the cap allows
             spread /= 2
 
-    def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int) -> None:
-        """This chunk's band keys, written by the kernel straight into the band's free room."""
+    def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int,
+                     hist: torch.Tensor | None = None) -> tuple[int, int]:
+        """This chunk's band keys, written by the kernel straight into the band's free room (and,
+        with `hist`, its first digits counted there). Returns the kernel's smallest and largest key."""
         free = (t[self.band_count :] for t in self._band_storage())
-        banded, above = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *free, start)
+        banded, above, kmin, kmax = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *free,
+                                                      start, hist=hist)
         self.band_above += above
         self.band_seen += x.numel()
         self.band_count += banded
         if self.band_count > self.band_room:
             self._band_off()  # more keys than the first chunk predicted: see _check_band and end_pass
+        return kmin, kmax
 
     def _check_band(self) -> None:
         """Once a quarter of the tensor has been seen: if the rank `need` falls well inside the
