@@ -21,7 +21,7 @@ from .errors import MergeCancelled
 from .formats.dtypes import DTYPES, DType
 from .formats.readers import RangeReader
 from .plan import Plan, PlannedTensor, Source
-from .recipe.library.base import Method, State
+from .recipe.library.base import WIDENED, Method, State
 from .recipe.methods import weighted_sum
 from .recipe.workspace import Workspace
 from .shards import Shard
@@ -277,9 +277,23 @@ class _TensorGraph:
         """The last node's value for elements [start, start + n): the tensor's output chunk."""
         return self._value(self.n_sources + len(self.calls) - 1, start, n)
 
-    def _reader(self, j: int, start: int, n: int) -> Callable[[int], torch.Tensor]:
-        args = self.calls[j].args
-        return lambda i: self._value(args[i], start, n)
+    def _reader(self, j: int, start: int, n: int) -> _ChunkRead:
+        return _ChunkRead(self, self.calls[j].args, start, n)
+
+    def _source(self, v: int, start: int, n: int) -> torch.Tensor:
+        """A source's chunk as read, in its own dtype, where the CPU kernels can take it that way
+        (recipe.library.base.read_source): no conversion pass. Else, and for nodes, _value."""
+        if v >= self.n_sources or self.leaf.device.type != "cpu" or (
+                DTYPES[self.tensor.sources[v].dtype].torch_dtype, self.leaf.dtype) not in WIDENED:
+            return self._value(v, start, n)
+        if self.ctx.cancel.is_set():
+            raise MergeCancelled("merge cancelled")
+        if self.kept is None:
+            return self._read(v, start, n)
+        kept = self.kept.get((v, start, n))
+        if kept is None:
+            kept = self.kept[(v, start, n)] = self._read(v, start, n).clone()
+        return kept
 
     def _value(self, v: int, start: int, n: int) -> torch.Tensor:
         if self.ctx.cancel.is_set():
@@ -309,6 +323,22 @@ class _TensorGraph:
         self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, self.host.bytes[: n * dt.itemsize])
         self.read_bytes += n * dt.itemsize
         return self.host.typed(dt, n)
+
+
+@dataclass(frozen=True)
+class _ChunkRead:
+    """One node's recipe.library.base.Read for one chunk: read(i), and read.source(i)."""
+
+    graph: _TensorGraph
+    args: tuple[int, ...]
+    start: int
+    n: int
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.graph._value(self.args[i], self.start, self.n)
+
+    def source(self, i: int) -> torch.Tensor:
+        return self.graph._source(self.args[i], self.start, self.n)
 
 
 def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:

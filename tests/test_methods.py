@@ -27,7 +27,7 @@ from astolfo_dist.errors import UsageError
 from astolfo_dist.recipe.library import REGISTRY, build
 from astolfo_dist.recipe.library._exact import ExactSum
 from astolfo_dist.recipe.library._select import BAND_BUDGET, COLLECT_CAP, STATE_BUDGET, Selection
-from astolfo_dist.recipe.library.base import Method
+from astolfo_dist.recipe.library.base import WIDENED, Method
 from astolfo_dist.recipe.library.breadcrumbs import Breadcrumbs, BreadcrumbsParams
 from astolfo_dist.recipe.library.dare import Dare, DareParams
 from astolfo_dist.recipe.library.della import Della, DellaParams
@@ -47,17 +47,24 @@ SOURCES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 class Reader:
-    """read(i): chunk i of input i, a fresh copy; the previous copy is poisoned."""
+    """read(i): chunk i of input i, a fresh copy; the previous copy is poisoned. With `sources`
+    (the inputs in their own dtypes, as the worker reads them), read.source(i) too."""
 
-    def __init__(self, xs: list[torch.Tensor], start: int, n: int) -> None:
+    def __init__(self, xs: list[torch.Tensor], start: int, n: int,
+                 sources: list[torch.Tensor] | None = None) -> None:
         self.xs, self.start, self.n = xs, start, n
         self.last: torch.Tensor | None = None
+        if sources is not None:
+            self.source = lambda i: self._fresh(sources, i)
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def _fresh(self, xs: list[torch.Tensor], i: int) -> torch.Tensor:
         if self.last is not None:
             self.last.fill_(math.nan)
-        self.last = self.xs[i][self.start : self.start + self.n].clone()
+        self.last = xs[i][self.start : self.start + self.n].clone()
         return self.last
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self._fresh(self.xs, i)
 
 
 def run(
@@ -68,8 +75,10 @@ def run(
     key: str = "model.layer.weight",
     split: bool = False,
     seed: int = 0,
+    sources: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Output (flat, accumulator dtype) and the number of statistic passes."""
+    """Output (flat, accumulator dtype) and the number of statistic passes; with `sources`, the
+    reader offers them (Reader)."""
     numel = xs[0].numel()
     rnd = random.Random(seed)
     state = method.begin(key, numel, len(xs))
@@ -81,11 +90,11 @@ def run(
         if split:  # two workers with pickled copies of the pass-start state
             parts = [pickle.loads(pickle.dumps(state)) for _ in range(2)]
             for s in starts:
-                method.observe(parts[rnd.randrange(2)], passes, s, Reader(xs, s, chunk))
+                method.observe(parts[rnd.randrange(2)], passes, s, Reader(xs, s, chunk, sources))
             state = method.merge_states(parts[0], parts[1])
         else:
             for s in starts:
-                method.observe(state, passes, s, Reader(xs, s, chunk))
+                method.observe(state, passes, s, Reader(xs, s, chunk, sources))
         method.end_pass(state, passes)
         passes += 1
     out = torch.full((numel,), math.nan, dtype=xs[0].dtype)
@@ -93,7 +102,7 @@ def run(
     for s in starts:
         n = min(chunk, numel - s)
         buf = torch.empty(n, dtype=xs[0].dtype)
-        method.output(state, s, Reader(xs, s, chunk), buf)
+        method.output(state, s, Reader(xs, s, chunk, sources), buf)
         out[s : s + n] = buf
     return out, passes
 
@@ -447,6 +456,46 @@ def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
     unfused = [run_all(build(name, params, base=0), xs) for name, params in FUSED_CONFIGS for xs in inputs]
     for (name, params), a, b in zip([c for c in FUSED_CONFIGS for _ in inputs], fused, unfused, strict=True):
         assert torch.equal(a.isnan(), b.isnan()) and bits_equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), (name, params)
+
+
+def test_the_kernels_widen_every_float16_and_bfloat16_pattern_as_torch_does():
+    """_fused._widen reads 16-bit floats as they are: every pattern, NaNs, infinities and
+    subnormals included, becomes torch's float32, bit for bit."""
+    from astolfo_dist.recipe.library import _fused
+
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = patterns.view(dtype)
+        out, zero = torch.empty(x.numel()), torch.zeros(x.numel())
+        _fused.topk_delta(out, x, zero, 0, Selection(x.numel(), x.numel()).result, accumulate=False)  # x - 0, all kept
+        assert bits_equal(out, x.float() - zero), dtype
+
+
+@pytest.mark.parametrize("source", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("accumulator", [torch.float32, torch.float64])
+def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
+    """The worker hands the CPU kernels float16 and bfloat16 chunks unconverted (read.source):
+    TIES's statistic pass and output equal those of chunks converted first, bit for bit, with
+    NaN, inf and ties, several chunkings, split passes."""
+    if (source, accumulator) not in WIDENED and source != accumulator:
+        pytest.skip("not read as it is")
+    gen = torch.Generator().manual_seed(9)
+    originals = [x.to(source) for x in task_inputs(5, (60, 70), seed=31)]
+    for x in originals[1:]:
+        spots = torch.randperm(x.numel(), generator=gen)[:30]
+        x[spots[:10]], x[spots[10:20]] = math.nan, math.inf
+        x[spots[20:]] = originals[0][spots[20:]]  # zero deltas
+    xs = [x.to(accumulator) for x in originals]
+    for params in ({"density": 0.3}, {"density": 0.5, "consensus": "count", "weights": [1.0, 0.5, 2.0, -1.0, 0.3]},
+                   {"density": 0.4, "sign_election": False, "weights": [1.0, 0.5, 2.0, 1.0, 1.0]}):
+        method = build("ties", params, base=0)
+        for chunk in (1000, 4200):
+            for split in (False, True):
+                converted, passes = run(method, xs, chunk, split=split)
+                as_read, passes_read = run(method, xs, chunk, split=split, sources=originals)
+                assert passes == passes_read
+                assert torch.equal(converted.isnan(), as_read.isnan()), (params, chunk)
+                assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk, split)
 
 
 def test_fused_kernels_refuse_mismatched_buffers():

@@ -210,13 +210,14 @@ class Selection:
     def feed(self, x: torch.Tensor, start: int, workspace: Workspace | None = None,
              base: torch.Tensor | None = None) -> None:
         """Elements [start, start + x.numel()) of the tensor, any chunk, any order, once per pass;
-        with `base`, of the tensor x - base (torch.sub's; on the CPU's fused pass, subtracted
-        on the way instead of in a buffer of its own).
+        with `base`, of the tensor x - base (torch.sub's, in base's dtype: x may be an input
+        chunk as read, base.read_source; on the CPU's fused pass, subtracted on the way
+        instead of in a buffer of its own).
 
         With `workspace`, the chunk-sized temporaries come from it (tags "select.*")."""
         if self.done:
             return
-        kd = _key_dtype(x.dtype)
+        kd = _key_dtype((x if base is None else base).dtype)  # with base, x may be a narrower source
         if self.dtype is None:
             self.dtype = kd
         elif kd != self.dtype:
@@ -245,7 +246,7 @@ class Selection:
         # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
         key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
         fusable = self.stage == "magnitude" and not self.collect
-        kernels = (cpu_kernels(x) if base is None else cpu_kernels(x, base)) if fusable else None
+        kernels = (cpu_kernels(x) if base is None else cpu_kernels(base, source=x)) if fusable else None
         if kernels is not None:
             self._feed_histogram_fused(kernels, x.reshape(-1), None if base is None else base.reshape(-1), start,
                                        scratch, key_int)
@@ -253,7 +254,7 @@ class Selection:
         if self.band_open or self.band is not None:
             self._band_off()  # the torch path gathers no band
         if base is not None:
-            x = torch.sub(x, base, out=scratch("select.delta", x.dtype))
+            x = torch.sub(x, base, out=scratch("select.delta", base.dtype))
         bits = magnitude_bits(x, scratch("select.bits", key_int), workspace)
         if self.stage == "magnitude":
             keys = bits

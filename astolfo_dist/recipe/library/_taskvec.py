@@ -40,7 +40,7 @@ import torch
 from ..stats import TopKResult
 from ..workspace import Workspace
 from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, hist_bits_for
-from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights
+from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights, read_source
 
 CONSENSUS = ("sum", "count")
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -106,6 +106,11 @@ class TaskVectorMethod(Method):
     def sparsify(self, state: State, j: int, i: int, start: int, delta: torch.Tensor) -> None:
         """In place: keep/rescale the delta of input i (the j-th non-base input). Default: keep all."""
 
+    def takes_source(self, state: State, j: int, base: torch.Tensor) -> bool:
+        """Whether fused_sides and fused_delta surely take the j-th non-base input's chunk as read
+        (base.read_source: float16 or bfloat16 as it is, no conversion pass). Default: no."""
+        return False
+
     def fused_delta(self, state: State, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """Optional fast path: out = sparsify(x - base), or out += it with `accumulate`, in one
@@ -129,7 +134,7 @@ class TaskVectorMethod(Method):
         sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
         mix = out if sides is not None else out.zero_()  # _Sides starts its sums itself
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
-            x = read(i)
+            x = read_source(read, i) if self.takes_source(state, j, base) else read(i)
             if sides is not None and self.fused_sides(state, j, start, x, base, sides, weights[j]):
                 continue
             direct = sides is None and weights[j] == 1.0  # the delta goes straight into the mix
@@ -210,7 +215,7 @@ class _Sides:
     def add_topk(self, x: torch.Tensor, base: torch.Tensor, start: int, result, w: float) -> bool:
         """add(w * (x - base kept by the top-k `result`), w) in one fused pass; False where
         the kernels do not take these tensors."""
-        if self.fused is None or not self.fused.supported(x, base, self.mix):
+        if self.fused is None or not self.fused.supported(base, self.mix) or not self.fused.takes_source(x, base):
             return False
         self.fused.topk_sides_add(x, base, start, result, w, self.score, self.mix, self.neg, self.count, self.weights,
                                   first=not self.started)
@@ -299,8 +304,8 @@ class SelectingMethod(TaskVectorMethod):
             if not any(sel.wants(start, n) for sel in state.selections[j]):
                 continue  # done, or a tie split that looks at another chunk: not read
             sels = state.selections[j]
-            if len(sels) == 1:  # it subtracts (on the CPU, on the way: no delta buffer)
-                sels[0].feed(read(i), start, ws, base=base)
+            if len(sels) == 1:  # it subtracts (on the CPU, on the way: no delta buffer, no conversion)
+                sels[0].feed(read_source(read, i), start, ws, base=base)
                 continue
             torch.sub(read(i), base, out=delta)  # once for all of this input's selections
             for sel in sels:
@@ -318,27 +323,30 @@ class SelectingMethod(TaskVectorMethod):
             for x, y in zip(sa, sb, strict=True):
                 x.merge(y)
 
-    def _single_selection(self, state: SelectionState, j: int, x: torch.Tensor) -> TopKResult | None:
+    def _single_selection(self, state: SelectionState, j: int, base: torch.Tensor) -> TopKResult | None:
         """Input j's one selection, where its result alone is the keep mask (TIES), else None."""
         sels = state.selections[j]
         overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
-        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, x.dtype):
+        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, base.dtype):
             return None
         return sels[0].result
+
+    def takes_source(self, state: SelectionState, j: int, base: torch.Tensor) -> bool:
+        return self._single_selection(state, j, base) is not None and cpu_kernels(base) is not None
 
     def fused_sides(self, state: SelectionState, j: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     sides: _Sides, w: float) -> bool:
         """On the CPU, with one selection per input (TIES): subtract, mask, weigh and take the
         delta into the sign election's sums in one pass (_fused.topk_sides_add)."""
-        result = self._single_selection(state, j, x)
+        result = self._single_selection(state, j, base)
         return result is not None and sides.add_topk(x, base, start, result, w)
 
     def fused_delta(self, state: SelectionState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
         one pass (_fused.topk_delta). Otherwise the default."""
-        result = self._single_selection(state, j, x)
-        kernels = None if result is None else cpu_kernels(out, x, base)
+        result = self._single_selection(state, j, base)
+        kernels = None if result is None else cpu_kernels(out, base, source=x)
         if kernels is None:
             return False
         kernels.topk_delta(out, x, base, start, result, accumulate=accumulate)

@@ -68,7 +68,18 @@ from ...errors import UsageError
 from ..workspace import Workspace
 
 Read = Callable[[int], torch.Tensor]
-"""read(i) -> chunk of input i, accumulator dtype, valid until the next call."""
+"""read(i) -> chunk of input i, accumulator dtype, valid until the next call. A reader may
+also offer read.source(i): see read_source."""
+
+
+def read_source(read: Read, i: int) -> torch.Tensor:
+    """Input i's chunk before its conversion to the accumulator dtype, where the reader offers
+    it (the worker does on the CPU, for the dtypes the CPU kernels widen exactly: float16 or
+    bfloat16, or float32 into float64), else read(i). Valid until the next read; for the
+    CPU kernels only, which read float16 and bfloat16 as they are (library/_fused._widen)
+    and save the conversion's pass over the chunk."""
+    source = getattr(read, "source", None)
+    return read(i) if source is None else source(i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,15 +346,25 @@ class Method(ABC, Generic[P, S]):
         return f"{type(self).__name__}({self.params!r}{base})"
 
 
-def cpu_kernels(*tensors: torch.Tensor) -> Any:
+def cpu_kernels(*tensors: torch.Tensor, source: torch.Tensor | None = None) -> Any:
     """recipe.library._fused when its compiled kernels take these tensors (contiguous, on the
-    CPU, of one float dtype), else None (a GPU: the torch path). numba is imported here, on the
+    CPU, of one float dtype) and, if given, `source`, an input chunk as read (read_source) for
+    a pass in their dtype; else None (a GPU: the torch path). numba is imported here, on the
     first call with CPU tensors: only where a kernel will run."""
-    if any(t.device.type != "cpu" for t in tensors):
+    if any(t.device.type != "cpu" for t in (*tensors, *(() if source is None else (source,)))):
         return None
     from . import _fused
 
-    return _fused if _fused.supported(*tensors) else None
+    if not _fused.supported(*tensors):
+        return None
+    return _fused if source is None or _fused.takes_source(source, tensors[0]) else None
+
+
+WIDENED = frozenset({(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                     (torch.float16, torch.float64), (torch.bfloat16, torch.float64),
+                     (torch.float32, torch.float64)})
+"""(source dtype, accumulator dtype) pairs the CPU kernels read as they are: the source's
+values are exactly the accumulator's after conversion."""
 
 
 def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
