@@ -272,8 +272,8 @@ def phase(frames: list[str]) -> str:
         return "read inputs: pread + fp16->fp32 copy"
     if has("band_gather"):
         return "selection passes: the first pass's band (band_gather)"
-    if has("topk_sides_add"):
-        return "combine: ties fused masked delta into the election sums (topk_sides_add)"
+    if has("topk_sides_group"):
+        return "combine: ties, a group of inputs as read into the election sums, then the pick (topk_sides_group)"
     if has("sides_finish"):
         return "combine: fused election pick, lambda and base (sides_finish)"
     if has("drop_delta_"):
@@ -463,6 +463,7 @@ def _kernels(n: int) -> dict:
     digit = int(keys.kthvalue(max(1, n - n // 5)).values)  # x - z's threshold digit at density 0.2
     slots = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     mix, pos_w, neg_w = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    group = torch.stack([x16.roll(17 * i) for i in range(7)])  # seven inputs' chunks, as fused_election reads them
     # The election's sums as finish sees them (fresh: the sums above grow with every timed call).
     sums = [torch.randn(n, generator=gen) for _ in range(3)] + [torch.rand(n, generator=gen) for _ in range(2)]
     return {
@@ -473,19 +474,20 @@ def _kernels(n: int) -> dict:
             lambda: bernoulli_mask(1, 0, "key", 0, n, 0.3),
         "ties, per input and pass: Selection.feed, first pass (histogram)": feed(False),
         "ties, per input and pass: Selection.feed, later pass (prefix filter + histogram)": feed(True),
-        "ties, per input, first pass: x - base and histogram on the CPU (_fused.digit_histogram)":
-            lambda: _fused.digit_histogram(x, 0, 0, 31, 16, hist, None, base=z),
-        "ties, per input, first pass: x - base and a 3-digit band on the CPU (_fused.band_gather)":
-            lambda: _fused.band_gather(x, z, 15, digit - 1, digit + 1, *slots, 0),
+        "ties, per input, first pass: x (fp16, as read) - base and histogram on the CPU (_fused.digit_histogram)":
+            lambda: _fused.digit_histogram(x16, 0, 0, 31, 16, hist, None, base=z),
+        "ties, per input, first pass: x (fp16, as read) - base and a 3-digit band on the CPU (_fused.band_gather)":
+            lambda: _fused.band_gather(x16, z, 15, digit - 1, digit + 1, *slots, 0),
         "ties, per input, first quarter: the band and the histogram in one pass (band_gather with hist)":
-            lambda: _fused.band_gather(x, z, 15, digit - 1, digit + 1, *slots, 0, hist=hist),
+            lambda: _fused.band_gather(x16, z, 15, digit - 1, digit + 1, *slots, 0, hist=hist),
         "ties, per input, in output: fused masked delta on the CPU (_fused.topk_delta)":
             lambda: _fused.topk_delta(y, x, z, 0, settled.result, accumulate=False),
         "ties, per input, in output: fused election sums on the CPU (_fused.sides_add)":
             lambda: _fused.sides_add(x, score, y, neg, False, None, 1.0),
-        "ties, per input, in output: masked delta into the election sums (_fused.topk_sides_add)":
-            lambda: _fused.topk_sides_add(x, z, 0, settled.result, 0.5, score, mix, neg, False, (pos_w, neg_w),
-                                          first=False),
+        "ties, per chunk of 7 inputs, in output: as read (fp16) into the election sums, then the pick "
+        "(_fused.topk_sides_group)":
+            lambda: _fused.topk_sides_group(group, z, 0, [settled.result] * 7, [1.0] * 7, score, mix, neg, False,
+                                            (pos_w, neg_w), first=True, lambda_=1.0),
         "ties, per chunk, in output: election pick, lambda, + base (_fused.sides_finish, and a copy_)":
             lambda: _fused.sides_finish(sums[0], sums[1].copy_(x), sums[2], (sums[3], sums[4]), 0.3, z),
         "ties, per input, in output: Selection.mask (the GPU's path)": lambda: settled.mask(x, 0),

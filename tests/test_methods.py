@@ -431,11 +431,11 @@ FUSED_CONFIGS = [
 
 def test_fused_cpu_kernels_equal_the_torch_path_a_gpu_takes(monkeypatch):
     """On the CPU, TIES's and DELLA's deltas, every sign election's sums and its final pick take
-    one fused pass each (_fused.topk_delta, topk_sides_add, della_delta, sides_add, sides_finish); a GPU takes
+    one fused pass each (_fused.topk_delta, topk_sides_group, della_delta, sides_add, sides_finish); a GPU takes
     torch operations. Same bits, with NaN, inf and zero deltas, float32 and float64, many chunks."""
     from astolfo_dist.recipe.library import _fused
 
-    calls = {"topk_delta": 0, "sides_add": 0, "topk_sides_add": 0, "sides_finish": 0, "della_delta": 0}
+    calls = {"topk_delta": 0, "sides_add": 0, "topk_sides_group": 0, "sides_finish": 0, "della_delta": 0}
     for name in calls:
         def counted(*args, _kernel=getattr(_fused, name), _name=name, **kwargs):
             calls[_name] += 1
@@ -496,6 +496,37 @@ def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
                 assert passes == passes_read
                 assert torch.equal(converted.isnan(), as_read.isnan()), (params, chunk)
                 assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk, split)
+
+
+@pytest.mark.parametrize("group", [3, 8])
+def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkeypatch):
+    """On the CPU, TIES's output takes the inputs as read, `GROUP` per pass over the chunk, a
+    group ending where the dtype changes (_fused.topk_sides_group); a GPU takes torch
+    operations, one input at a time. Same bits, over 11 inputs in runs of float16, bfloat16
+    and float32, with NaN, inf and zero deltas, weights and both consensus rules."""
+    from astolfo_dist.recipe.library import _fused, _taskvec
+
+    monkeypatch.setattr(_taskvec, "GROUP", group)
+    calls = []
+    kernel = _fused.topk_sides_group
+    monkeypatch.setattr(_fused, "topk_sides_group", lambda xs, *a, **k: (calls.append(xs.shape[0]), kernel(xs, *a, **k)))
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32] + [torch.float16] * 3 + [torch.bfloat16] * 2 + [torch.float16] * 4 + [torch.float32] * 2
+    originals = [x.to(dtype) for x, dtype in zip(task_inputs(11, (40, 90), seed=12), dtypes, strict=True)]
+    for x in originals[1:]:
+        spots = torch.randperm(x.numel(), generator=gen)[:30]
+        x[spots[:10]], x[spots[10:20]] = math.nan, -math.inf
+        x[spots[20:]] = originals[0][spots[20:]].to(x.dtype)
+    xs = [x.float() for x in originals]
+    configs = [{"density": 0.3}, {"density": 0.6, "consensus": "count", "lambda": 0.5,
+                                  "weights": [1.0, 0.5, 2.0, -1.0, 0.3, 1.0, 1.0, 0.7, 1.5, 1.0, 2.5]}]
+    fused = [run(build("ties", c, base=0), xs, 1000, sources=originals)[0] for c in configs]
+    runs = [3, 2, 4, 2] if group > 3 else [3, 2, 3, 1, 2]  # the dtype runs after the base, cut at `group`
+    assert calls == runs * len(configs) * -(-xs[0].numel() // 1000), calls  # every chunk, every input once
+    monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
+    unfused = [run(build("ties", c, base=0), xs, 1000, sources=originals)[0] for c in configs]
+    for c, a, b in zip(configs, fused, unfused, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and bits_equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), c
 
 
 def test_fused_kernels_refuse_mismatched_buffers():

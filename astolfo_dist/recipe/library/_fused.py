@@ -192,14 +192,22 @@ def _side_terms(v, w, count, zero, one):  # pragma: no cover (compiled)
 def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w, first):  # pragma: no cover (compiled)
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
-    for i in range(d.shape[0]):
-        term, pos, low, wp, wn = _side_terms(d[i], w, count, zero, one)
-        score[i] = term if first else score[i] + term
-        mix[i] = pos if first else mix[i] + pos
-        neg[i] = low if first else neg[i] + low
-        if weighted:
+    # Two loops: without weights, pos_w and neg_w are mix (sides_add), and a loop that names
+    # them would not vectorise (4.9 ns per element against 0.6, measured).
+    if weighted:
+        for i in range(d.shape[0]):
+            term, pos, low, wp, wn = _side_terms(d[i], w, count, zero, one)
+            score[i] = term if first else score[i] + term
+            mix[i] = pos if first else mix[i] + pos
+            neg[i] = low if first else neg[i] + low
             neg_w[i] = wn if first else neg_w[i] + wn
             pos_w[i] = wp if first else pos_w[i] + wp
+    else:
+        for i in range(d.shape[0]):
+            term, pos, low, _, _ = _side_terms(d[i], w, count, zero, one)
+            score[i] = term if first else score[i] + term
+            mix[i] = pos if first else mix[i] + pos
+            neg[i] = low if first else neg[i] + low
 
 
 def _weight_sums(weights: tuple[torch.Tensor, torch.Tensor] | None, mix: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -220,51 +228,117 @@ def sides_add(d: torch.Tensor, score: torch.Tensor, mix: torch.Tensor, neg: torc
                first)
 
 
-@numba.njit(**_philox.KERNEL)
-def _topk_sides(x, base, start, threshold, cut, sign_cleared, nan_key, scaled, w, score, mix, neg, count, pos_w,
-                neg_w, weighted, first):  # pragma: no cover (compiled)
-    # One loop, in registers (a tile's three loops and a call per tile before: 1.36 ns per element).
-    zero = mix.dtype.type(0)
-    one = mix.dtype.type(1)
-    for i in range(mix.shape[0]):
-        d = _kept(x[i], base[i], start + i, threshold, cut, sign_cleared, nan_key, zero)
-        term, pos, low, wp, wn = _side_terms(d * w if scaled else d, w, count, zero, one)
-        score[i] = term if first else score[i] + term
-        mix[i] = pos if first else mix[i] + pos
-        neg[i] = low if first else neg[i] + low
-        if weighted:
-            neg_w[i] = wn if first else neg_w[i] + wn
-            pos_w[i] = wp if first else pos_w[i] + wp
-
-
-def topk_sides_add(x: torch.Tensor, base: torch.Tensor, start: int, result, w: float, score: torch.Tensor,
-                   mix: torch.Tensor, neg: torch.Tensor, count: bool,
-                   weights: tuple[torch.Tensor, torch.Tensor] | None, *, first: bool) -> None:
-    """topk_delta, times w (unless w is 1), then sides_add, in one pass: the delta never
-    leaves the cache. Bit for bit the three."""
-    pos_w, neg_w = _weight_sums(weights, mix)
-    _same_size("topk_sides_add", x, base, score, mix, neg, pos_w, neg_w)
-    _, sign_cleared, nan_key = _key_constants(mix.dtype)
-    _topk_sides(_source(x), _np(base), start, *_threshold_and_cut(result), sign_cleared, nan_key, w != 1.0,
-                _np(mix).dtype.type(w), _np(score), _np(mix), _np(neg), count, _np(pos_w), _np(neg_w),
-                weights is not None, first)
+@numba.njit(inline="always")
+def _elected(score, pos, low, pos_w, neg_w, weighted, lambda_, base, zero, one):  # pragma: no cover (compiled)
+    """taskvec._Sides.finish for one element. The caller loads both sides before the pick: a
+    pick between two loads compiled to a branch, which mispredicts on random signs (4.2 ns per
+    element against 0.83, measured)."""
+    elected = score >= zero  # a tie elects +, a NaN score -
+    m = pos if elected else low
+    if weighted:
+        divisor = pos_w if elected else neg_w
+        m = m / (divisor + (one if divisor == zero else zero))  # a zero divisor reads as 1
+    return m * lambda_ + base  # two roundings: numba contracts no multiply-add by default
 
 
 @numba.njit(**_philox.KERNEL)
 def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pragma: no cover (compiled)
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
-    # Both sides loaded before the pick: a pick between two loads compiled to a branch, which
-    # mispredicts on random signs (4.2 ns per element against 0.83, measured).
-    for i in range(mix.shape[0]):
-        elected = score[i] >= zero  # a tie elects +, a NaN score -
-        pos, low = mix[i], neg[i]
-        m = pos if elected else low
-        if weighted:
-            pos_d, neg_d = pos_w[i], neg_w[i]
-            divisor = pos_d if elected else neg_d
-            m = m / (divisor + (one if divisor == zero else zero))  # a zero divisor reads as 1
-        mix[i] = m * lambda_ + base[i]  # two roundings: numba contracts no multiply-add by default
+    if weighted:
+        for i in range(mix.shape[0]):
+            pos, low, pw, nw = mix[i], neg[i], pos_w[i], neg_w[i]
+            mix[i] = _elected(score[i], pos, low, pw, nw, True, lambda_, base[i], zero, one)
+    else:  # pos_w and neg_w are mix: not named (see _sides_add)
+        for i in range(mix.shape[0]):
+            pos, low = mix[i], neg[i]
+            mix[i] = _elected(score[i], pos, low, zero, zero, False, lambda_, base[i], zero, one)
+
+
+@numba.njit(**_philox.KERNEL)
+def _topk_sides_group(xs, rows, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix, neg,
+                      count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
+                      t_nw):  # pragma: no cover (compiled)
+    # Tile by tile, every input of the group in turn, the sums in L1-sized tiles: the chunk-sized
+    # sums are read and written once per group, not once per input (with all inputs in one
+    # group, never: the last group writes the output). Two loops per input and tile, the delta
+    # then the sums, and the tiles separate arrays: one loop, or tiles that are rows of one
+    # array, did not vectorise (0.8 ns per element against 1.0 to 15, measured).
+    zero = mix.dtype.type(0)
+    one = mix.dtype.type(1)
+    n = mix.shape[0]
+    size = t_d.shape[0]
+    for s in range(0, n, size):
+        m = min(size, n - s)
+        bs = base[s : s + m]
+        if not first:
+            t_score[:m] = score[s : s + m]
+            t_mix[:m] = mix[s : s + m]
+            t_neg[:m] = neg[s : s + m]
+            if weighted:
+                t_pw[:m] = pos_w[s : s + m]
+                t_nw[:m] = neg_w[s : s + m]
+        for g in range(rows):
+            xg = xs[g, s : s + m]
+            threshold, cut, w = thresholds[g], cuts[g], ws[g]
+            for i in range(m):
+                t_d[i] = _kept(xg[i], bs[i], start + s + i, threshold, cut, sign_cleared, nan_key, zero)
+            if scaled[g]:
+                for i in range(m):
+                    t_d[i] = t_d[i] * w
+            init = first and g == 0
+            for i in range(m):
+                term, pos, low, wp, wn = _side_terms(t_d[i], w, count, zero, one)
+                t_score[i] = term if init else t_score[i] + term
+                t_mix[i] = pos if init else t_mix[i] + pos
+                t_neg[i] = low if init else t_neg[i] + low
+                if weighted:
+                    t_nw[i] = wn if init else t_nw[i] + wn
+                    t_pw[i] = wp if init else t_pw[i] + wp
+        if last:
+            out = mix[s : s + m]
+            for i in range(m):
+                out[i] = _elected(t_score[i], t_mix[i], t_neg[i], t_pw[i], t_nw[i], weighted, lambda_, bs[i], zero,
+                                  one)
+        else:
+            score[s : s + m] = t_score[:m]
+            mix[s : s + m] = t_mix[:m]
+            neg[s : s + m] = t_neg[:m]
+            if weighted:
+                pos_w[s : s + m] = t_pw[:m]
+                neg_w[s : s + m] = t_nw[:m]
+
+
+GROUP_TILE = 1024  # elements per tile of topk_sides_group: its six tiles (24 KiB in float32) stay in L1
+
+
+def topk_sides_group(xs: torch.Tensor, base: torch.Tensor, start: int, results: list, weights: list[float],
+                     score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor, count: bool,
+                     pos_neg_weights: tuple[torch.Tensor, torch.Tensor] | None, *, first: bool,
+                     lambda_: float | None) -> None:
+    """For each row of xs (one input's chunk as read per row, in input order; results and
+    weights one per row): topk_delta, times w (unless w is 1), then sides_add, in one pass over
+    the chunk: the same sums, bit for bit, and the delta never leaves the registers.
+    With `lambda_`, this group is the last, and sides_finish follows in the same pass (mix
+    becomes the output; score, neg and the weight sums are not written)."""
+    rows = xs.shape[0]
+    if xs.dim() != 2 or not 0 < rows == len(results) == len(weights) or not xs.is_contiguous():
+        raise ValueError(f"topk_sides_group: {tuple(xs.shape)} rows for {len(results)} results, {len(weights)} weights")
+    pos_w, neg_w = _weight_sums(pos_neg_weights, mix)
+    _same_size("topk_sides_group", xs[0], base, score, mix, neg, pos_w, neg_w)
+    if not takes_source(xs[0], base):
+        raise ValueError(f"topk_sides_group: {xs.dtype} rows for a {base.dtype} pass")
+    _, sign_cleared, nan_key = _key_constants(mix.dtype)
+    cuts = [_threshold_and_cut(r) for r in results]
+    scalar = _np(mix).dtype.type
+    sources = _source(xs.view(-1)).reshape(rows, -1)
+    _topk_sides_group(
+        sources, rows, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
+        np.array([c[1] for c in cuts], dtype=np.int64), sign_cleared, nan_key,
+        np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
+        count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,
+        scalar(1.0 if lambda_ is None else lambda_),
+        *(np.empty(min(GROUP_TILE, max(1, mix.numel())), dtype=_np(mix).dtype) for _ in range(6)))
 
 
 def sides_finish(score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,
@@ -289,9 +363,20 @@ def _digit_histogram(x, base, subtract, sign_cleared, nan_key, filtered, prefix_
     for s in range(0, n, buf.shape[0]):
         m = min(s + buf.shape[0], n) - s
         _delta_tile(x, base, subtract, s, m, buf)
+        if not filtered:  # every key counts: the keys and extremes vectorised, then the scatter
+            for i in range(m):
+                key = min(buf_bits[i] & sign_cleared, nan_key)
+                kmin = min(kmin, key)
+                kmax = max(kmax, key)
+                buf_bits[i] = key
+            _scatter(buf_bits, m, 0, digit_shift, digit_mask, hist)
+            if store:
+                keys_out[count : count + m] = buf_bits[:m]
+            count += m
+            continue
         for i in range(m):
             key = min(buf_bits[i] & sign_cleared, nan_key)
-            if filtered and (key >> prefix_shift) != prefix:
+            if (key >> prefix_shift) != prefix:
                 continue
             hist[(key >> digit_shift) & digit_mask] += 1
             if store:
@@ -303,14 +388,23 @@ def _digit_histogram(x, base, subtract, sign_cleared, nan_key, filtered, prefix_
 
 
 @numba.njit(**_philox.KERNEL)
+def _scatter(keys, m, offset, digit_shift, digit_mask, hist):  # pragma: no cover (compiled)
+    """hist[digit of keys[i] + offset] += 1 for i < m. Apart from the loops that compute the
+    keys: a scatter in a loop keeps the whole loop from vectorising (a pass of the band with
+    the histogram took 1.9 ns per element in one loop)."""
+    for i in range(m):
+        hist[((keys[i] + offset) >> digit_shift) & digit_mask] += 1
+
+
+@numba.njit(**_philox.KERNEL)
 def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start, hist,
                  counting, digit_shift, buf, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
     # Two loops per tile: the count above the band, branch-free (vectorised), and a scan with
     # one branch for the few keys in the band, an unsigned compare of key - lo_key with the
     # band's span. A branch on "above" would mispredict for about a fifth of the keys, at
     # random places: one loop with both took 1.9 ns per element, these two 0.9 (measured).
-    # With `counting`, the first digit's histogram and the extremes too, in the first loop (the
-    # histogram's scatter does not vectorise anyway): one pass where two took 2.3 ns per element.
+    # With `counting`, the first digit's histogram and the extremes too: the extremes in the
+    # first loop, the histogram's scatter in a loop of its own (_scatter).
     banded = 0
     above = 0
     kmin = nan_key
@@ -322,11 +416,11 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
         if counting:
             for i in range(m):
                 key = min(buf_bits[i] & sign_cleared, nan_key)
-                hist[key >> digit_shift] += 1
                 kmin = min(kmin, key)
                 kmax = max(kmax, key)
                 above += key > hi_key
                 buf_bits[i] = key - lo_key
+            _scatter(buf_bits, m, lo_key, digit_shift, -1, hist)  # the first digit: no mask needed
         else:
             for i in range(m):
                 key = min(buf_bits[i] & sign_cleared, nan_key)

@@ -43,6 +43,7 @@ from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_ke
 from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights, read_source
 
 CONSENSUS = ("sum", "count")
+GROUP = 8  # inputs per pass of fused_election over a chunk: its sums' traffic is a 1/GROUP of one per input
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
 
@@ -107,7 +108,7 @@ class TaskVectorMethod(Method):
         """In place: keep/rescale the delta of input i (the j-th non-base input). Default: keep all."""
 
     def takes_source(self, state: State, j: int, base: torch.Tensor) -> bool:
-        """Whether fused_sides and fused_delta surely take the j-th non-base input's chunk as read
+        """Whether fused_delta surely takes the j-th non-base input's chunk as read
         (base.read_source: float16 or bfloat16 as it is, no conversion pass). Default: no."""
         return False
 
@@ -118,10 +119,11 @@ class TaskVectorMethod(Method):
         False: none here, use the default."""
         return False
 
-    def fused_sides(self, state: State, j: int, start: int, x: torch.Tensor, base: torch.Tensor, sides: _Sides,
-                    w: float) -> bool:
-        """Optional fast path: sides.add(w * sparsify(x - base), w) in one pass, bit for bit.
-        False: none here."""
+    def fused_election(self, state: State, start: int, read: Read, base: torch.Tensor, sides: _Sides,
+                       weights: tuple[float, ...], lambda_: float) -> bool:
+        """Optional fast path for the whole sweep with sign election: every input's
+        sides.add(w * sparsify(x - base), w), then sides.finish(lambda_, base), bit for bit.
+        False (nothing read): none here."""
         return False
 
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
@@ -132,11 +134,11 @@ class TaskVectorMethod(Method):
         base = ws.like("taskvec.base", x).copy_(x)
         delta = ws.like("taskvec.delta", base)
         sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
+        if sides is not None and self.fused_election(state, start, read, base, sides, weights, p.lambda_):
+            return
         mix = out if sides is not None else out.zero_()  # _Sides starts its sums itself
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
             x = read_source(read, i) if self.takes_source(state, j, base) else read(i)
-            if sides is not None and self.fused_sides(state, j, start, x, base, sides, weights[j]):
-                continue
             direct = sides is None and weights[j] == 1.0  # the delta goes straight into the mix
             if self.fused_delta(state, j, i, start, x, base, mix if direct else delta, accumulate=direct):
                 if direct:
@@ -212,16 +214,6 @@ class _Sides:
             self.weights[1].add_(torch.clamp(sign, max=0.0, out=d), alpha=-w)
             self.weights[0].add_(sign.clamp_(min=0.0), alpha=w)
 
-    def add_topk(self, x: torch.Tensor, base: torch.Tensor, start: int, result, w: float) -> bool:
-        """add(w * (x - base kept by the top-k `result`), w) in one fused pass; False where
-        the kernels do not take these tensors."""
-        if self.fused is None or not self.fused.supported(base, self.mix) or not self.fused.takes_source(x, base):
-            return False
-        self.fused.topk_sides_add(x, base, start, result, w, self.score, self.mix, self.neg, self.count, self.weights,
-                                  first=not self.started)
-        self.started = True
-        return True
-
     def finish(self, lambda_: float, base: torch.Tensor) -> None:
         """mix = the elected side's sum (divided by its weights with normalize, 0 read as 1),
         times lambda_, plus base."""
@@ -265,7 +257,7 @@ class SelectingMethod(TaskVectorMethod):
     many passes as its slowest selection.
     """
 
-    scratch_chunks = 20
+    scratch_chunks = 20 + GROUP  # and fused_election's group of inputs as read
     state_bytes = STATE_BUDGET
 
     def counts(self, numel: int) -> tuple[int, ...]:
@@ -334,12 +326,38 @@ class SelectingMethod(TaskVectorMethod):
     def takes_source(self, state: SelectionState, j: int, base: torch.Tensor) -> bool:
         return self._single_selection(state, j, base) is not None and cpu_kernels(base) is not None
 
-    def fused_sides(self, state: SelectionState, j: int, start: int, x: torch.Tensor, base: torch.Tensor,
-                    sides: _Sides, w: float) -> bool:
-        """On the CPU, with one selection per input (TIES): subtract, mask, weigh and take the
-        delta into the sign election's sums in one pass (_fused.topk_sides_add)."""
-        result = self._single_selection(state, j, base)
-        return result is not None and sides.add_topk(x, base, start, result, w)
+    def fused_election(self, state: SelectionState, start: int, read: Read, base: torch.Tensor, sides: _Sides,
+                       weights: tuple[float, ...], lambda_: float) -> bool:
+        """On the CPU, with one selection per input (TIES): GROUP inputs at a time, as read,
+        into one buffer, then subtract, mask, weigh and sum them in one pass over the chunk
+        whose sums stay in the cache (_fused.topk_sides_group); the last group also picks the
+        elected side. Where the inputs' dtypes differ, a group ends at each change."""
+        results = [self._single_selection(state, j, base) for j in range(state.n_inputs - 1)]
+        if sides.fused is None or None in results:
+            return False
+        n = base.numel()
+        store = self.workspace.buffer("taskvec.group", base.dtype, GROUP * n, base.device).view(torch.uint8)
+        rows = store  # re-viewed per group, in its inputs' dtype
+        members: list[int] = []
+
+        def flush(last: bool) -> None:
+            sides.fused.topk_sides_group(rows[: len(members)], base, start, [results[j] for j in members],
+                                         [weights[j] for j in members], sides.score, sides.mix, sides.neg,
+                                         sides.count, sides.weights, first=not sides.started,
+                                         lambda_=lambda_ if last else None)
+            sides.started = True
+            members.clear()
+
+        for j, i in enumerate(self.others(state.n_inputs)):
+            x = read_source(read, i)
+            if members and (len(members) == GROUP or x.dtype != rows.dtype):
+                flush(last=False)
+            if not members:
+                rows = store[: GROUP * n * x.element_size()].view(x.dtype).view(GROUP, n)
+            rows[len(members)].copy_(x)
+            members.append(j)
+        flush(last=True)
+        return True
 
     def fused_delta(self, state: SelectionState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
