@@ -509,7 +509,8 @@ def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkey
     monkeypatch.setattr(_taskvec, "GROUP", group)
     calls = []
     kernel = _fused.topk_sides_group
-    monkeypatch.setattr(_fused, "topk_sides_group", lambda xs, *a, **k: (calls.append(xs.shape[0]), kernel(xs, *a, **k)))
+    monkeypatch.setattr(_fused, "topk_sides_group",
+                        lambda xs, *a, **k: (calls.append(xs.shape[0]), kernel(xs, *a, **k)))
     gen = torch.Generator().manual_seed(3)
     dtypes = [torch.float32] + [torch.float16] * 3 + [torch.bfloat16] * 2 + [torch.float16] * 4 + [torch.float32] * 2
     originals = [x.to(dtype) for x, dtype in zip(task_inputs(11, (40, 90), seed=12), dtypes, strict=True)]
