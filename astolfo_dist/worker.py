@@ -280,16 +280,17 @@ class _TensorGraph:
     def _reader(self, j: int, start: int, n: int) -> _ChunkRead:
         return _ChunkRead(self, self.calls[j].args, start, n)
 
-    def _source(self, v: int, start: int, n: int) -> torch.Tensor:
+    def _source(self, v: int, start: int, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """A source's chunk as read, in its own dtype, where the CPU kernels can take it that way
-        (recipe.library.base.read_source): no conversion pass. Else, and for nodes, _value."""
+        (recipe.library.base.read_source): no conversion pass; read into `into` if given. Else,
+        and for nodes, _value."""
         if v >= self.n_sources or self.leaf.device.type != "cpu" or (
                 DTYPES[self.tensor.sources[v].dtype].torch_dtype, self.leaf.dtype) not in WIDENED:
             return self._value(v, start, n)
         if self.ctx.cancel.is_set():
             raise MergeCancelled("merge cancelled")
         if self.kept is None:
-            return self._read(v, start, n)
+            return self._read(v, start, n, into)
         kept = self.kept.get((v, start, n))
         if kept is None:
             kept = self.kept[(v, start, n)] = self._read(v, start, n).clone()
@@ -316,13 +317,16 @@ class _TensorGraph:
             self.holds[j] = (start, n)
         return out
 
-    def _read(self, v: int, start: int, n: int) -> torch.Tensor:
-        """Elements [start, start + n) of source v, in its own dtype, in the host buffer."""
+    def _read(self, v: int, start: int, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start + n) of source v, in its own dtype, in the host buffer (or in
+        `into`, uint8 bytes)."""
         src = self.tensor.sources[v]
         dt = DTYPES[src.dtype]
-        self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, self.host.bytes[: n * dt.itemsize])
-        self.read_bytes += n * dt.itemsize
-        return self.host.typed(dt, n)
+        nbytes = n * dt.itemsize
+        target = self.host.bytes[:nbytes] if into is None else memoryview(into[:nbytes].numpy())
+        self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, target)
+        self.read_bytes += nbytes
+        return self.host.typed(dt, n) if into is None else into[:nbytes].view(dt.torch_dtype)
 
 
 @dataclass(frozen=True)
@@ -337,8 +341,8 @@ class _ChunkRead:
     def __call__(self, i: int) -> torch.Tensor:
         return self.graph._value(self.args[i], self.start, self.n)
 
-    def source(self, i: int) -> torch.Tensor:
-        return self.graph._source(self.args[i], self.start, self.n)
+    def source(self, i: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        return self.graph._source(self.args[i], self.start, self.n, into)
 
 
 def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:

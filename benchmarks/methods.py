@@ -463,7 +463,7 @@ def _kernels(n: int) -> dict:
     digit = int(keys.kthvalue(max(1, n - n // 5)).values)  # x - z's threshold digit at density 0.2
     slots = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     mix, pos_w, neg_w = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-    group = torch.stack([x16.roll(17 * i) for i in range(7)])  # seven inputs' chunks, as fused_election reads them
+    group = torch.cat([x16.roll(17 * i) for i in range(7)]).view(torch.uint8)  # seven chunks as read, fused_election's
     # The election's sums as finish sees them (fresh: the sums above grow with every timed call).
     sums = [torch.randn(n, generator=gen) for _ in range(3)] + [torch.rand(n, generator=gen) for _ in range(2)]
     return {
@@ -486,8 +486,8 @@ def _kernels(n: int) -> dict:
             lambda: _fused.sides_add(x, score, y, neg, False, None, 1.0),
         "ties, per chunk of 7 inputs, in output: as read (fp16) into the election sums, then the pick "
         "(_fused.topk_sides_group)":
-            lambda: _fused.topk_sides_group(group, z, 0, [settled.result] * 7, [1.0] * 7, score, mix, neg, False,
-                                            (pos_w, neg_w), first=True, lambda_=1.0),
+            lambda: _fused.topk_sides_group(group, 7, torch.float16, 2 * n, z, 0, [settled.result] * 7, [1.0] * 7,
+                                            score, mix, neg, False, (pos_w, neg_w), first=True, lambda_=1.0),
         "ties, per chunk, in output: election pick, lambda, + base (_fused.sides_finish, and a copy_)":
             lambda: _fused.sides_finish(sums[0], sums[1].copy_(x), sums[2], (sums[3], sums[4]), 0.3, z),
         "ties, per input, in output: Selection.mask (the GPU's path)": lambda: settled.mask(x, 0),

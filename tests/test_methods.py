@@ -55,7 +55,7 @@ class Reader:
         self.xs, self.start, self.n = xs, start, n
         self.last: torch.Tensor | None = None
         if sources is not None:
-            self.source = lambda i: self._fresh(sources, i)
+            self.source = lambda i, into=None: self._fresh(sources, i)
 
     def _fresh(self, xs: list[torch.Tensor], i: int) -> torch.Tensor:
         if self.last is not None:
@@ -510,7 +510,7 @@ def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkey
     calls = []
     kernel = _fused.topk_sides_group
     monkeypatch.setattr(_fused, "topk_sides_group",
-                        lambda xs, *a, **k: (calls.append(xs.shape[0]), kernel(xs, *a, **k)))
+                        lambda store, rows, *a, **k: (calls.append(rows), kernel(store, rows, *a, **k)))
     gen = torch.Generator().manual_seed(3)
     dtypes = [torch.float32] + [torch.float16] * 3 + [torch.bfloat16] * 2 + [torch.float16] * 4 + [torch.float32] * 2
     originals = [x.to(dtype) for x, dtype in zip(task_inputs(11, (40, 90), seed=12), dtypes, strict=True)]

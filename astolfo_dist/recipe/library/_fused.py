@@ -256,8 +256,8 @@ def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pr
 
 
 @numba.njit(**_philox.KERNEL)
-def _topk_sides_group(xs, rows, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix, neg,
-                      count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
+def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix,
+                      neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
                       t_nw):  # pragma: no cover (compiled)
     # Tile by tile, every input of the group in turn, the sums in L1-sized tiles: the chunk-sized
     # sums are read and written once per group, not once per input (with all inputs in one
@@ -279,7 +279,7 @@ def _topk_sides_group(xs, rows, base, start, thresholds, cuts, sign_cleared, nan
                 t_pw[:m] = pos_w[s : s + m]
                 t_nw[:m] = neg_w[s : s + m]
         for g in range(rows):
-            xg = xs[g, s : s + m]
+            xg = xs[g * stride + s : g * stride + s + m]  # row g: `stride` elements apart
             threshold, cut, w = thresholds[g], cuts[g], ws[g]
             for i in range(m):
                 t_d[i] = _kept(xg[i], bs[i], start + s + i, threshold, cut, sign_cleared, nan_key, zero)
@@ -312,28 +312,30 @@ def _topk_sides_group(xs, rows, base, start, thresholds, cuts, sign_cleared, nan
 GROUP_TILE = 1024  # elements per tile of topk_sides_group: its six tiles (24 KiB in float32) stay in L1
 
 
-def topk_sides_group(xs: torch.Tensor, base: torch.Tensor, start: int, results: list, weights: list[float],
-                     score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor, count: bool,
-                     pos_neg_weights: tuple[torch.Tensor, torch.Tensor] | None, *, first: bool,
+def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: int, base: torch.Tensor, start: int,
+                     results: list, weights: list[float], score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,
+                     count: bool, pos_neg_weights: tuple[torch.Tensor, torch.Tensor] | None, *, first: bool,
                      lambda_: float | None) -> None:
-    """For each row of xs (one input's chunk as read per row, in input order; results and
-    weights one per row): topk_delta, times w (unless w is 1), then sides_add, in one pass over
-    the chunk: the same sums, bit for bit, and the delta never leaves the registers.
+    """For each of `rows` inputs' chunks as read (`dtype`, one per `slot` bytes of the uint8
+    `store`, in input order; results and weights one per row): topk_delta, times w (unless w
+    is 1), then sides_add, in one pass over the chunk: the same sums, bit for bit.
     With `lambda_`, this group is the last, and sides_finish follows in the same pass (mix
     becomes the output; score, neg and the weight sums are not written)."""
-    rows = xs.shape[0]
-    if xs.dim() != 2 or not 0 < rows == len(results) == len(weights) or not xs.is_contiguous():
-        raise ValueError(f"topk_sides_group: {tuple(xs.shape)} rows for {len(results)} results, {len(weights)} weights")
+    n = mix.numel()
+    size = torch.empty(0, dtype=dtype).element_size()
+    if not 0 < rows == len(results) == len(weights) or slot % size or slot < n * size or store.numel() < rows * slot:
+        raise ValueError(f"topk_sides_group: {rows} rows of {slot} bytes in {store.numel()} for {n} elements, "
+                         f"{len(results)} results, {len(weights)} weights")
+    xs = store[: rows * slot].view(dtype)
     pos_w, neg_w = _weight_sums(pos_neg_weights, mix)
-    _same_size("topk_sides_group", xs[0], base, score, mix, neg, pos_w, neg_w)
-    if not takes_source(xs[0], base):
-        raise ValueError(f"topk_sides_group: {xs.dtype} rows for a {base.dtype} pass")
+    _same_size("topk_sides_group", base, score, mix, neg, pos_w, neg_w)
+    if not takes_source(xs, base):
+        raise ValueError(f"topk_sides_group: {dtype} rows for a {base.dtype} pass")
     _, sign_cleared, nan_key = _key_constants(mix.dtype)
     cuts = [_threshold_and_cut(r) for r in results]
     scalar = _np(mix).dtype.type
-    sources = _source(xs.view(-1)).reshape(rows, -1)
     _topk_sides_group(
-        sources, rows, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
+        _source(xs), rows, slot // size, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
         np.array([c[1] for c in cuts], dtype=np.int64), sign_cleared, nan_key,
         np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
         count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,

@@ -336,12 +336,13 @@ class SelectingMethod(TaskVectorMethod):
         if sides.fused is None or None in results:
             return False
         n = base.numel()
+        slot = n * base.element_size()  # bytes per input: room for any dtype that widens to base's
         store = self.workspace.buffer("taskvec.group", base.dtype, GROUP * n, base.device).view(torch.uint8)
-        rows = store  # re-viewed per group, in its inputs' dtype
         members: list[int] = []
+        dtype = base.dtype
 
         def flush(last: bool) -> None:
-            sides.fused.topk_sides_group(rows[: len(members)], base, start, [results[j] for j in members],
+            sides.fused.topk_sides_group(store, len(members), dtype, slot, base, start, [results[j] for j in members],
                                          [weights[j] for j in members], sides.score, sides.mix, sides.neg,
                                          sides.count, sides.weights, first=not sides.started,
                                          lambda_=lambda_ if last else None)
@@ -349,12 +350,16 @@ class SelectingMethod(TaskVectorMethod):
             members.clear()
 
         for j, i in enumerate(self.others(state.n_inputs)):
-            x = read_source(read, i)
-            if members and (len(members) == GROUP or x.dtype != rows.dtype):
+            if len(members) == GROUP:
                 flush(last=False)
-            if not members:
-                rows = store[: GROUP * n * x.element_size()].view(x.dtype).view(GROUP, n)
-            rows[len(members)].copy_(x)
+            k = len(members)
+            x = read_source(read, i, into=store[k * slot : (k + 1) * slot])  # read into its slot
+            if members and x.dtype != dtype:  # a group holds one dtype: this input starts the next
+                flush(last=False)
+                k = 0
+            if x.data_ptr() != store[k * slot :].data_ptr():  # held by the reader, or moved to a new group
+                store[k * slot : k * slot + x.numel() * x.element_size()].copy_(x.view(torch.uint8))
+            dtype = x.dtype
             members.append(j)
         flush(last=True)
         return True

@@ -72,14 +72,17 @@ Read = Callable[[int], torch.Tensor]
 also offer read.source(i): see read_source."""
 
 
-def read_source(read: Read, i: int) -> torch.Tensor:
+def read_source(read: Read, i: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """Input i's chunk before its conversion to the accumulator dtype, where the reader offers
     it (the worker does on the CPU, for the dtypes the CPU kernels widen exactly: float16 or
     bfloat16, or float32 into float64), else read(i). Valid until the next read; for the
     CPU kernels only, which read float16 and bfloat16 as they are (library/_fused._widen)
-    and save the conversion's pass over the chunk."""
+    and save the conversion's pass over the chunk. With `into` (contiguous bytes, uint8, room
+    for the chunk in the accumulator dtype), a chunk read from a file is read there, and stays
+    valid as long as `into` is not written; a chunk the reader holds already is returned as
+    it is (the caller checks where it lies)."""
     source = getattr(read, "source", None)
-    return read(i) if source is None else source(i)
+    return read(i) if source is None else source(i, into)
 
 
 # ---------------------------------------------------------------------------------------------
