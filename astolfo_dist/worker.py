@@ -284,8 +284,9 @@ class _TensorGraph:
         """A source's chunk as read, in its own dtype, where the CPU kernels can take it that way
         (recipe.library.base.read_source): no conversion pass; read into `into` if given. Else,
         and for nodes, _value."""
-        if v >= self.n_sources or self.leaf.device.type != "cpu" or (
-                DTYPES[self.tensor.sources[v].dtype].torch_dtype, self.leaf.dtype) not in WIDENED:
+        dtype = DTYPES[self.tensor.sources[v].dtype].torch_dtype if v < self.n_sources else None
+        if dtype is None or self.leaf.device.type != "cpu" or (
+                dtype != self.leaf.dtype and (dtype, self.leaf.dtype) not in WIDENED):
             return self._value(v, start, n)
         if self.ctx.cancel.is_set():
             raise MergeCancelled("merge cancelled")
