@@ -7,7 +7,9 @@ These do the same arithmetic, bit for bit, in one pass over cache-sized tiles (N
 aside: where both operands of a subtraction are NaN, torch keeps the second's payload and these
 the first's; a NaN stays a NaN in the same place, and the merge's final add of the base makes
 the payload the base's again on both paths): hand-written
-because no library fuses torch CPU operations without a C++ compiler at run time. Imported on
+because no library fuses torch CPU operations without a C++ compiler at run time. They read
+float16 and bfloat16 inputs as stored (`_widen`, `_source`: no float32 copy of each input),
+and TIES's output takes a group of inputs per pass (`topk_sides_group`). Imported on
 first use (numba costs ~115 MiB of RSS, budget.NUMBA_KERNELS); tests pin each to its torch
 path (tests/test_methods.py).
 """
