@@ -288,28 +288,13 @@ class _TensorGraph:
         if dtype is None or self.leaf.device.type != "cpu" or (
                 dtype != self.leaf.dtype and (dtype, self.leaf.dtype) not in WIDENED):
             return self._value(v, start, n)
-        if self.ctx.cancel.is_set():
-            raise MergeCancelled("merge cancelled")
-        if self.kept is None:
-            return self._read(v, start, n, into)
-        kept = self.kept.get((v, start, n))
-        if kept is None:
-            kept = self.kept[(v, start, n)] = self._read(v, start, n).clone()
-        return kept
+        return self._stored(v, start, n, into)
 
     def _value(self, v: int, start: int, n: int) -> torch.Tensor:
+        if v < self.n_sources:  # to the device and the accumulator dtype
+            return self.leaf[:n].copy_(self._stored(v, start, n))
         if self.ctx.cancel.is_set():
             raise MergeCancelled("merge cancelled")
-        if v < self.n_sources:
-            target = self.leaf[:n]
-            if self.kept is None:
-                target.copy_(self._read(v, start, n))  # to the device and the accumulator dtype
-                return target
-            kept = self.kept.get((v, start, n))
-            if kept is None:
-                kept = self.kept[(v, start, n)] = self._read(v, start, n).to(target.device, copy=True)
-            target.copy_(kept)
-            return target
         j = v - self.n_sources
         out = self.values[j][:n]
         if self.holds[j] != (start, n):
@@ -317,6 +302,18 @@ class _TensorGraph:
             self.methods[j].output(self.states[j], start, self._reader(j, start, n), out)
             self.holds[j] = (start, n)
         return out
+
+    def _stored(self, v: int, start: int, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Source v's chunk in its own dtype: from the tensor cache (kept there on the device the
+        first time, see __init__), else read (into `into` if given, else the host buffer)."""
+        if self.ctx.cancel.is_set():
+            raise MergeCancelled("merge cancelled")
+        if self.kept is None:
+            return self._read(v, start, n, into)
+        kept = self.kept.get((v, start, n))
+        if kept is None:
+            kept = self.kept[(v, start, n)] = self._read(v, start, n).to(self.leaf.device, copy=True)
+        return kept
 
     def _read(self, v: int, start: int, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, start + n) of source v, in its own dtype, in the host buffer (or in

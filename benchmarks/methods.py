@@ -263,6 +263,26 @@ def _source(frame: str) -> str:
         return ""
 
 
+# Samples in a compiled CPU kernel, by the kernel's Python wrapper, in the order tested.
+_KERNEL_PHASES = (
+    ("band_gather", "selection passes: the first pass's band (band_gather)"),
+    ("topk_sides_group", "combine: ties, a group of inputs as read into the election sums, then the pick "
+                         "(topk_sides_group)"),
+    ("sides_finish", "combine: fused election pick, lambda and base (sides_finish)"),
+    ("drop_delta_", "combine: dare fused delta (sub, Philox mask, rescale, add)"),
+    ("topk_delta", "combine: ties fused masked delta (sub, top-k mask)"),
+    ("della_delta", "combine: della fused delta (sub, rank bin, Philox mask, rescale)"),
+    ("sides_add", "combine: fused sign election sums"),
+)
+# Samples in the torch paths (a GPU's, or methods without kernels), after della's rank histogram.
+_TORCH_PHASES = (
+    (("random_u32", "uniform01"), "Philox RNG: rng.random_u32"),
+    (("bernoulli_mask",), "keep mask: dare u < p"),
+    (("ExactSum.add", "exact_dot"), "exact sums: |x_i - z|^2, superaccumulator"),
+    (("GeometricMedian._estimate",), "estimate: weighted average z"),
+)
+
+
 def phase(frames: list[str]) -> str:
     """Which part of the merge a worker sample is in, as 'group: detail' (frames root first, py-spy's names)."""
     names = [_name(f) for f in frames]
@@ -270,30 +290,14 @@ def phase(frames: list[str]) -> str:
     if any(n.endswith("reader.<locals>.read") or n in ("_read_chunks", "read_into") or n.endswith(".read_into")
            for n in names) or names[-1:] == ["_TensorGraph._value"]:  # the graph's read: pread, then the copy
         return "read inputs: pread + fp16->fp32 copy"
-    if has("band_gather"):
-        return "selection passes: the first pass's band (band_gather)"
-    if has("topk_sides_group"):
-        return "combine: ties, a group of inputs as read into the election sums, then the pick (topk_sides_group)"
-    if has("sides_finish"):
-        return "combine: fused election pick, lambda and base (sides_finish)"
-    if has("drop_delta_"):
-        return "combine: dare fused delta (sub, Philox mask, rescale, add)"
-    if has("topk_delta"):
-        return "combine: ties fused masked delta (sub, top-k mask)"
-    if has("della_delta"):
-        return "combine: della fused delta (sub, rank bin, Philox mask, rescale)"
-    if has("sides_add"):
-        return "combine: fused sign election sums"
+    for kernel, label in _KERNEL_PHASES:  # a compiled kernel on the stack names the phase (in this order)
+        if has(kernel):
+            return label
     if has("digit_histogram") and not has("Selection.feed"):
         return "statistic pass: della fused rank histogram (digit_histogram)"
-    if has("random_u32") or has("uniform01"):
-        return "Philox RNG: rng.random_u32"
-    if has("bernoulli_mask"):
-        return "keep mask: dare u < p"
-    if has("ExactSum.add") or has("exact_dot"):
-        return "exact sums: |x_i - z|^2, superaccumulator"
-    if has("GeometricMedian._estimate"):
-        return "estimate: weighted average z"
+    for kernels, label in _TORCH_PHASES:
+        if any(map(has, kernels)):
+            return label
     if has("Selection.feed"):
         i = names.index("Selection.feed")
         callee = names[i + 1] if i + 1 < len(names) else ""

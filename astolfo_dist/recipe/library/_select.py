@@ -347,7 +347,7 @@ class Selection:
         """This chunk's band keys, written by the kernel straight into the band's free room (and,
         with `hist`, its first digits counted there). Returns the kernel's smallest and largest key."""
         free = (t[self.band_count :] for t in self._band_storage())
-        banded, above, kmin, kmax = fused.band_gather(x, base, self._width() - self._digit_bits(), *self.band, *free,
+        banded, above, kmin, kmax = fused.band_gather(x, base, self._band_shift(), *self.band, *free,
                                                       start, hist=hist)
         self.band_above += above
         self.band_seen += x.numel()
@@ -390,6 +390,15 @@ class Selection:
             self.band_key = torch.empty(self.band_room, dtype=torch.int64)
             self.band_index = torch.empty(self.band_room, dtype=torch.int64)
         return self.band_key, self.band_index
+
+    def _band_shift(self) -> int:
+        """The shift that leaves a key's first digit, the band's digits."""
+        return self._width() - self._digit_bits()
+
+    def _clear_pass(self) -> None:
+        """Forget this pass's counts, extremes and chunk records (the next pass starts afresh)."""
+        self.hist = self.kmin = self.kmax = None
+        self.chunks = []
 
     def _band_off(self) -> None:
         self.band_open, self.band, self.band_key, self.band_index = False, None, None, None
@@ -504,7 +513,7 @@ class Selection:
         lo, hi = max(self.band[0], other.band[0]), min(self.band[1], other.band[1])
         mine, theirs = self._band_entries(), other._band_entries()
         keys, index = (torch.cat([mine[m], theirs[m]]) for m in (0, 1))
-        digits = keys >> (self._width() - self._digit_bits())
+        digits = keys >> self._band_shift()
         above = self.band_above + other.band_above + int((digits > hi).sum())
         room = min(self.band_cap, self.band_room + other.band_room)
         seen = self.band_seen + other.band_seen
@@ -530,8 +539,7 @@ class Selection:
             return
         if self.uncounted:  # the histogram stopped for a band that then missed: this pass again, without one
             self.uncounted = False
-            self.hist = self.kmin = self.kmax = None
-            self.chunks = []
+            self._clear_pass()
             return
         width = self._width()
         digit_bits = self._digit_bits()
@@ -541,8 +549,7 @@ class Selection:
         seen = None if self.kmin is None or self.kmax is None else (int(self.kmin), int(self.kmax))
         single = seen[0] if seen is not None and seen[0] == seen[1] else None
         chunks = self.chunks
-        self.hist = self.kmin = self.kmax = None
-        self.chunks = []
+        self._clear_pass()
         # The need-th largest lies in the highest digit where the count from the top reaches need.
         from_top = counts.flip(0).cumsum(0)
         rank = int(torch.searchsorted(from_top, self.need))
@@ -580,8 +587,7 @@ class Selection:
         if band is None or not above < self.need <= above + keys.numel():
             return False
         self.uncounted = False
-        self.hist = self.kmin = self.kmax = None
-        self.chunks = []
+        self._clear_pass()
         self.n_greater += above
         self.need -= above
         self.cand_key, self.cand_index = keys, index

@@ -130,8 +130,8 @@ class TaskVectorMethod(Method):
         p: TaskVectorParams = self.params
         ws = self.workspace
         weights = input_weights(self.name, p.weights, state.n_inputs - 1)
-        x = read(self.base)
-        base = ws.like("taskvec.base", x).copy_(x)
+        # The base as read, converted once into its buffer (read(), then a copy, converted twice).
+        base = ws.like("taskvec.base", out).copy_(read_source(read, self.base))
         delta = ws.like("taskvec.delta", base)
         sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
         if sides is not None and self.fused_election(state, start, read, base, sides, weights, p.lambda_):
