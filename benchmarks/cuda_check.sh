@@ -12,6 +12,10 @@
 #      its 17 GB of inputs are generated first, and only $FULL_METHODS run there), then at
 #      $CPU_SCALE on the CPU (none if empty): time and peak RSS of each method against
 #      uniform on the same inputs.
+#   3. With RAY_METHODS set: those methods again with --device cuda --executor ray (a private
+#      local Ray) at the first scale of $SCALES. Ray is not on the GPU machine and its wheel
+#      (79 MB) is over the device tool's 64 MiB: carry `.whl` filled with a trimmed copy, as in
+#      benchmarks/README.md ("CUDA with Ray"); its wheels are installed into /tmp/site first.
 set -u -o pipefail
 OUT=${OUT:-/tmp/cuda_check}
 PY=${PY:-python3}
@@ -24,10 +28,15 @@ CPU_WORKERS=${CPU_WORKERS:-8}
 GPU_WORKERS=${GPU_WORKERS:-2}
 GPU_CHUNK_MB=${GPU_CHUNK_MB:-}  # more --chunk-mb values to run CUDA with, after the default (2 MiB, tuned for CPU)
 GPU_CACHE_MB=${GPU_CACHE_MB:-}  # more --tensor-cache-mb values to run CUDA with (0: the cache off), after the default
+RAY_METHODS=${RAY_METHODS:-}
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 WORK=${WORK:-/tmp/astolfo-methods}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
 if ! $PY -c 'import numba' 2>/dev/null; then
   $PY -m pip install -q --no-index --find-links benchmarks/wheels numba 2>&1 | tail -2 \
     || echo "NO NUMBA: carry benchmarks/wheels (see the top of this script)"
@@ -37,6 +46,7 @@ $PY -c 'import torch, safetensors, numpy; print("torch", torch.__version__, "cud
   torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "safetensors", safetensors.__version__,
   "numpy", numpy.__version__)'
 $PY -c 'import numba; print("numba", numba.__version__)'
+$PY -c 'import ray; print("ray", ray.__version__)' 2>/dev/null || echo "no ray: the Ray cases skip"
 timeout 300 $PY -m pytest -p no:cacheprovider -o addopts= --timeout=200 -q -rfE -m cuda -k "$TESTS" \
   tests/test_cuda.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log" | tail -40
 status=${PIPESTATUS[0]}
@@ -60,5 +70,7 @@ tp.ensure_inputs(tp.input_paths(Path('$WORK'), 8, 'sd15', 1), 'sd15', 1)"
   for mb in $GPU_CHUNK_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" --chunk-mb "$mb" "c$mb"; done
   for mb in $GPU_CACHE_MB; do bench cuda "$GPU_WORKERS" "$scale" "$methods" --tensor-cache-mb "$mb" "cache$mb"; done
 done
+first_scale=${SCALES%% *}
+if [ -n "$RAY_METHODS" ]; then bench cuda "$GPU_WORKERS" "$first_scale" "$RAY_METHODS" --executor ray ray; fi
 if [ -n "$CPU_SCALE" ]; then bench cpu "$CPU_WORKERS" "$CPU_SCALE" "$METHODS"; fi
 rm -rf "$WORK"

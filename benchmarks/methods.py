@@ -545,7 +545,8 @@ def optional_settings(cfg: dict) -> str:
     """The merge options a run set beyond the defaults, as text for the table's heading."""
     parts = [f", --{name.replace('_', '-')} {cfg[name]:g}" for name in ("chunk_mb", "tensor_cache_mb")
              if cfg.get(name) is not None]
-    return "".join(parts)
+    executor = cfg.get("executor", "local")
+    return (f", --executor {executor}" if executor != "local" else "") + "".join(parts)
 
 
 def markdown(res: dict) -> str:
@@ -690,7 +691,8 @@ NOTES = [
 
 
 def settings(args: argparse.Namespace) -> dict:
-    return {"workers": args.workers, "memory": args.memory, "device": args.device, "chunk_mb": args.chunk_mb,
+    return {"workers": args.workers, "memory": args.memory, "device": args.device, "executor": args.executor,
+            "chunk_mb": args.chunk_mb,
             "tensor_cache_mb": args.tensor_cache_mb, "layout": LAYOUT, "models": MODELS}
 
 
@@ -702,6 +704,7 @@ def merge_options(args: argparse.Namespace) -> list[str]:
         *(["--tensor-cache-mb", str(args.tensor_cache_mb)] if args.tensor_cache_mb is not None else []),
         "--device",
         args.device,
+        *(["--executor", args.executor] if args.executor != "local" else []),
     ]
 
 
@@ -713,7 +716,8 @@ def load_previous(path: Path, args: argparse.Namespace) -> dict | None:
     except (OSError, ValueError):
         return None
     # The defaults of the settings added later, for results made before they existed.
-    old_settings = {"device": "cpu", "chunk_mb": None, "tensor_cache_mb": None, **old.get("config", {})}
+    defaults = {"device": "cpu", "executor": "local", "chunk_mb": None, "tensor_cache_mb": None}
+    old_settings = {**defaults, **old.get("config", {})}
     if {k: old_settings.get(k) for k in settings(args)} != settings(args):
         raise SystemExit(
             f"{path} holds results made with other settings: pass --fresh to replace it, or another --json"
@@ -810,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="astolfo-dist merge --workers (default 2)")
     ap.add_argument("--memory", default="", help="astolfo-dist merge --memory (default: the engine's default)")
     ap.add_argument("--device", default="cpu", help="astolfo-dist merge --device: cpu or cuda (default cpu)")
+    ap.add_argument("--executor", default="local", help="astolfo-dist merge --executor: local or ray (default local)")
     ap.add_argument("--chunk-mb", type=float, help="astolfo-dist merge --chunk-mb (default: the engine's default)")
     ap.add_argument("--tensor-cache-mb", type=float, help="astolfo-dist merge --tensor-cache-mb (default: engine's)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method and scale, interleaved (default 2)")

@@ -55,3 +55,17 @@ def test_cuda_method_equals_cpu_method(sd_models, tmp_path, name, params, uses_b
         assert sha256(cpu) == sha256(gpu), f"chunk_mb={chunk_mb}, tensor_cache_mb={cache_mb}: " + _differences(cpu, gpu)
         if cache_mb is None:
             assert result.read_bytes == once
+
+
+@pytest.mark.parametrize("method,params", [("weighted_sum", {}), ("ties", {"density": 0.3})])
+def test_cuda_over_ray_equals_cpu(sd_models, tmp_path, method, params):
+    """Ray's tasks ask for CPUs only and reduce on the GPU their node shows them: a private
+    local Ray with --device cuda gives the in-process CPU's bytes (its tasks see the GPU)."""
+    pytest.importorskip("ray")
+    paths = [str(p) for p in sd_models(["F16", "BF16", "F32", "F16"], scale=16)]
+    models, base = split_base(paths, method == "ties")
+    args = dict(method=method, base=base, params=params) if method == "ties" else dict(weights=[0.5, 0.3, 0.2, 1.0])
+    cpu, gpu = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
+    merge(models, cpu, device="cpu", **args)
+    merge(models, gpu, device="cuda", executor="ray", workers=2, shard_mb=0.25, chunk_mb=0.05, **args)
+    assert sha256(cpu) == sha256(gpu), _differences(cpu, gpu)
