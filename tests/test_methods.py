@@ -471,6 +471,44 @@ def test_the_kernels_widen_every_float16_and_bfloat16_pattern_as_torch_does():
         assert bits_equal(out, x.float() - zero), dtype
 
 
+@settings(max_examples=40, deadline=None, database=None)
+@given(n=st.integers(1, 5000), shift=st.integers(8, 20), counting=st.booleans(), source=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counting, source, seed):
+    """_fused.band_gather against torch: the keys whose digit lies in [lo, hi], the lowest and
+    highest keys of the band and their neighbours just outside planted, in element order with
+    their indices; the count above; with the histogram, every key's digit and the extremes.
+    Sizes cover partial tiles and partial blocks of the in-band scan."""
+    from astolfo_dist.recipe.library import _fused
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=gen) * 0.5).half() if source else torch.randn(n, generator=gen)
+    base = torch.randn(n, generator=gen) * 0.01
+    def magnitude_keys(x: torch.Tensor) -> torch.Tensor:  # stats.magnitude_bits: every NaN one key above inf
+        return ((x.float() - base).view(torch.int32) & 0x7FFFFFFF).clamp(max=0x7F800001)
+
+    keys = magnitude_keys(x)
+    digits = keys >> shift
+    lo = int(digits.kthvalue(max(1, n - n // 5)).values)
+    hi = lo + int(torch.randint(0, 3, (1,), generator=gen))
+    lo_key, hi_key = lo << shift, ((hi + 1) << shift) - 1
+    if not source:  # exactly at the edges and just outside (over a zero base: x - 0 is x)
+        spots = torch.randperm(n, generator=gen)[: min(n, 8)]
+        edges = torch.tensor([lo_key, hi_key, lo_key - 1, hi_key + 1] * 2, dtype=torch.int32)[: spots.numel()]
+        x[spots], base[spots] = edges.view(torch.float32), 0.0
+        keys = magnitude_keys(x)
+        assert torch.equal(keys[spots], edges.clamp(max=0x7F800001))
+    keys_out, index_out = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    hist = torch.zeros(1 << (31 - shift), dtype=torch.int32) if counting else None
+    banded, above, kmin, kmax = _fused.band_gather(x, base, shift, lo, hi, keys_out, index_out, 7, hist=hist)
+    inside = ((keys >= lo_key) & (keys <= hi_key)).nonzero().flatten()
+    assert banded == inside.numel() and above == int((keys > hi_key).sum())
+    assert torch.equal(keys_out[:banded], keys[inside].long()) and torch.equal(index_out[:banded], inside + 7)
+    if counting:
+        assert torch.equal(hist, torch.bincount(keys >> shift, minlength=hist.numel()).int())
+        assert (kmin, kmax) == (int(keys.min()), int(keys.max()))
+
+
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("accumulator", [torch.float32, torch.float64])
 def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):

@@ -33,7 +33,7 @@ TILE = _philox.TILE  # elements per tile: its scratch stays in the L1 cache
 
 # Bit casts and the widening of 16-bit floats, as numba intrinsics: numba has no scalar bit cast
 # (the kernels went through an integer view of a scratch tile, a store and a load per element)
-# and no float16 on the CPU. Each is a few integer operations that vectorise; they live in this
+# and no float16 on the CPU. Each compiles to a few vector instructions; they live in this
 # file because numba's on-disk cache checks a kernel against its own file only.
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
 
@@ -48,29 +48,24 @@ def _float_bits(typingctx, v):  # pragma: no cover (compiled)
 
 
 @intrinsic
+def _lowest_set(typingctx, bits):  # pragma: no cover (compiled)
+    """The index of the lowest set bit of a uint64 that is not 0 (one tzcnt)."""
+    if bits != types.uint64:
+        return None
+    return types.int64(bits), lambda context, builder, sig, args: builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+
+@intrinsic
 def _widen(typingctx, v):  # pragma: no cover (compiled)
     """A source element as a float: float16 bits (uint16) and bfloat16 bits (int16) become the
     float32 they are exactly (torch's conversion, a NaN made quiet); a float stays as it is."""
     if v == types.uint16:
-        def half(context, builder, sig, args):
-            const = lambda c: ir.Constant(_I32, c)  # noqa: E731
-            u = builder.zext(args[0], _I32)
-            magnitude = builder.and_(u, const(0x7FFF))
-            exponent = builder.and_(u, const(0x7C00))
-            moved = builder.shl(magnitude, const(13))  # exponent and mantissa into float32's fields
-            normal = builder.add(moved, const((127 - 15) << 23))  # rebiased
-            # A subnormal half is its mantissa times 2**-24: converted, not rebiased (a float
-            # multiply of a float32 subnormal would cost a microcode assist per element).
-            tiny = builder.bitcast(builder.fmul(builder.sitofp(magnitude, _F32), ir.Constant(_F32, 2.0**-24)), _I32)
-            quiet = builder.select(builder.icmp_unsigned("!=", builder.and_(u, const(0x3FF)), const(0)),
-                                   const(0x400000), const(0))  # torch makes a NaN quiet
-            special = builder.or_(builder.or_(moved, const(0x7F800000)), quiet)  # inf or NaN
-            bits = builder.select(builder.icmp_unsigned("==", exponent, const(0)), tiny,
-                                  builder.select(builder.icmp_unsigned("==", exponent, const(0x7C00)), special,
-                                                 normal))
-            sign = builder.shl(builder.and_(u, const(0x8000)), const(16))
-            return builder.bitcast(builder.or_(bits, sign), _F32)
-        return types.float32(v), half
+        # LLVM's own half-to-float extension: one vcvtph2ps per vector on x86 (F16C), exact,
+        # subnormals and NaN quieting as torch, no microcode assist on subnormal halves. The
+        # integer rebias used before took 6.3 ns per element of TIES's grouped output for 7
+        # inputs against 4.6 now (measured, one thread).
+        return types.float32(v), lambda context, builder, sig, args: builder.fpext(
+            builder.bitcast(args[0], ir.HalfType()), _F32)
     if v == types.int16:
         return types.float32(v), lambda context, builder, sig, args: builder.bitcast(
             builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _F32)
@@ -400,6 +395,35 @@ def _scatter(keys, m, offset, digit_shift, digit_mask, hist):  # pragma: no cove
         hist[((keys[i] + offset) >> digit_shift) & digit_mask] += 1
 
 
+@numba.njit(inline="always")
+def _delta_key(x, base, subtract, sign_cleared, nan_key):  # pragma: no cover (compiled)
+    """The magnitude key (stats.magnitude_bits) of x - base (torch.sub's bits), or of x."""
+    return min(_float_bits(_widen(x) - base if subtract else _widen(x)) & sign_cleared, nan_key)
+
+
+@numba.njit(**_philox.KERNEL)
+def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, out, extremes, kmin,
+               kmax):  # pragma: no cover (compiled)
+    """out[:m] = the keys of x[s:s+m] - base[s:s+m] (or of x), less lo_key; returns how many
+    lie above hi_key and, with `extremes`, the smallest and largest key so far. One loop from
+    the input to the keys, no float tile between (0.54 ns per element against 0.66)."""
+    above = 0
+    xs, bs = x[s : s + m], base[s : s + m]
+    if extremes:
+        for i in range(m):
+            key = _delta_key(xs[i], bs[i], subtract, sign_cleared, nan_key)
+            kmin = min(kmin, key)
+            kmax = max(kmax, key)
+            above += key > hi_key
+            out[i] = key - lo_key
+    else:
+        for i in range(m):
+            key = _delta_key(xs[i], bs[i], subtract, sign_cleared, nan_key)
+            above += key > hi_key
+            out[i] = key - lo_key
+    return above, kmin, kmax
+
+
 @numba.njit(**_philox.KERNEL)
 def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start, hist,
                  counting, digit_shift, buf, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
@@ -416,22 +440,20 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
     n = x.shape[0]
     for s in range(0, n, buf.shape[0]):
         m = min(s + buf.shape[0], n) - s
-        _delta_tile(x, base, subtract, s, m, buf)
+        tile_above, kmin, kmax = _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, buf_bits,
+                                            counting, kmin, kmax)
+        above += tile_above
         if counting:
-            for i in range(m):
-                key = min(buf_bits[i] & sign_cleared, nan_key)
-                kmin = min(kmin, key)
-                kmax = max(kmax, key)
-                above += key > hi_key
-                buf_bits[i] = key - lo_key
             _scatter(buf_bits, m, lo_key, digit_shift, -1, hist)  # the first digit: no mask needed
-        else:
-            for i in range(m):
-                key = min(buf_bits[i] & sign_cleared, nan_key)
-                above += key > hi_key
-                buf_bits[i] = key - lo_key
-        for i in range(m):
-            if buf_unsigned[i] <= span:
+        for b in range(0, m, 64):
+            e = min(b + 64, m)
+            bits = np.uint64(0)
+            ub = buf_unsigned[b:e]
+            for i in range(e - b):
+                bits |= np.uint64(ub[i] <= span) << np.uint64(i)
+            while bits:
+                i = b + _lowest_set(bits)
+                bits &= bits - np.uint64(1)
                 if banded < keys_out.shape[0]:  # past the room, only counted: the caller drops the band
                     keys_out[banded] = buf_bits[i] + lo_key
                     index_out[banded] = start + s + i
