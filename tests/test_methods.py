@@ -471,6 +471,25 @@ def test_the_kernels_widen_every_float16_and_bfloat16_pattern_as_torch_does():
         assert bits_equal(out, x.float() - zero), dtype
 
 
+def test_the_float16_rebias_for_cpus_without_a_half_instruction_widens_as_torch_does():
+    """Where the CPU has no half-to-float instruction (_fused.HALF_BY_FPEXT false), _widen
+    rebiases a float16's bits with integer operations instead: every pattern gives torch's
+    float32 there too (compiled here whatever this CPU has)."""
+    import numba
+
+    from astolfo_dist.recipe.library import _fused
+
+    @numba.njit
+    def widen(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = _fused._widen_half_by_rebias(bits[i])
+
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    out = torch.empty(x.numel())
+    widen(x.view(torch.int16).numpy().view(np.uint16), out.numpy())
+    assert bits_equal(out, x.float())
+
+
 @settings(max_examples=40, deadline=None, database=None)
 @given(n=st.integers(1, 5000), shift=st.integers(8, 20), counting=st.booleans(), source=st.booleans(),
        seed=st.integers(0, 2**16))

@@ -16,9 +16,12 @@ path (tests/test_methods.py).
 
 from __future__ import annotations
 
+import platform
+
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -55,23 +58,67 @@ def _lowest_set(typingctx, bits):  # pragma: no cover (compiled)
     return types.int64(bits), lambda context, builder, sig, args: builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
 
+def _half_by_fpext() -> bool:
+    """Whether LLVM widens a half with an instruction on this CPU (x86-64 with F16C, 64-bit
+    Arm); elsewhere its `fpext` becomes a call to a runtime function numba's JIT may lack."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+    return machine in ("aarch64", "arm64")
+
+
+HALF_BY_FPEXT = _half_by_fpext()
+
+
+def _half_to_float(by_fpext: bool):
+    """The codegen of a float16's bits (uint16) to the float32 it is, exactly (torch's
+    conversion, a NaN made quiet). LLVM's `fpext` is one vcvtph2ps per vector on x86 (F16C),
+    with no microcode assist on subnormal halves: TIES's grouped output took 6.3 ns per
+    element of a 7-input chunk with the integer rebias below, 4.6 with it (one thread). The
+    rebias is for CPUs without such an instruction; a subnormal half goes through an
+    integer-to-float conversion there, since a float multiply with a subnormal operand costs
+    a microcode assist (4.1 ns per element against 0.2)."""
+    if by_fpext:
+        return lambda context, builder, sig, args: builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+
+    def rebias(context, builder, sig, args):
+        const = lambda c: ir.Constant(_I32, c)  # noqa: E731
+        u = builder.zext(args[0], _I32)
+        magnitude = builder.and_(u, const(0x7FFF))
+        exponent = builder.and_(u, const(0x7C00))
+        moved = builder.shl(magnitude, const(13))  # exponent and mantissa into float32's fields
+        normal = builder.add(moved, const((127 - 15) << 23))  # rebiased
+        tiny = builder.bitcast(builder.fmul(builder.sitofp(magnitude, _F32), ir.Constant(_F32, 2.0**-24)), _I32)
+        quiet = builder.select(builder.icmp_unsigned("!=", builder.and_(u, const(0x3FF)), const(0)),
+                               const(0x400000), const(0))  # torch makes a NaN quiet
+        special = builder.or_(builder.or_(moved, const(0x7F800000)), quiet)  # inf or NaN
+        bits = builder.select(builder.icmp_unsigned("==", exponent, const(0)), tiny,
+                              builder.select(builder.icmp_unsigned("==", exponent, const(0x7C00)), special, normal))
+        sign = builder.shl(builder.and_(u, const(0x8000)), const(16))
+        return builder.bitcast(builder.or_(bits, sign), _F32)
+
+    return rebias
+
+
 @intrinsic
 def _widen(typingctx, v):  # pragma: no cover (compiled)
     """A source element as a float: float16 bits (uint16) and bfloat16 bits (int16) become the
     float32 they are exactly (torch's conversion, a NaN made quiet); a float stays as it is."""
     if v == types.uint16:
-        # LLVM's own half-to-float extension: one vcvtph2ps per vector on x86 (F16C), exact,
-        # subnormals and NaN quieting as torch, no microcode assist on subnormal halves. The
-        # integer rebias used before took 6.3 ns per element of TIES's grouped output for 7
-        # inputs against 4.6 now (measured, one thread).
-        return types.float32(v), lambda context, builder, sig, args: builder.fpext(
-            builder.bitcast(args[0], ir.HalfType()), _F32)
+        return types.float32(v), _half_to_float(HALF_BY_FPEXT)
     if v == types.int16:
         return types.float32(v), lambda context, builder, sig, args: builder.bitcast(
             builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _F32)
     if isinstance(v, types.Float):
         return v(v), lambda context, builder, sig, args: args[0]
     return None
+
+
+@intrinsic
+def _widen_half_by_rebias(typingctx, v):  # pragma: no cover (compiled)
+    """_widen's float16 path for CPUs without a half-to-float instruction, whatever this one
+    has: for its test."""
+    return (types.float32(v), _half_to_float(False)) if v == types.uint16 else None
 
 
 def _key_constants(dtype: torch.dtype) -> tuple[type, np.integer, np.integer]:
