@@ -60,7 +60,11 @@ def _lowest_set(typingctx, bits):  # pragma: no cover (compiled)
 
 def _half_by_fpext() -> bool:
     """Whether LLVM widens a half with an instruction on this CPU (x86-64 with F16C, 64-bit
-    Arm); elsewhere its `fpext` becomes a call to a runtime function numba's JIT may lack."""
+    Arm); elsewhere, or where numba compiles for another CPU than this one (NUMBA_CPU_NAME,
+    e.g. a portable cache), its `fpext` becomes a call to a runtime function numba's JIT may
+    lack."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
