@@ -553,8 +553,9 @@ def _operands(x: torch.Tensor, base: torch.Tensor | None, what: str) -> tuple[np
     return _source(x), _np(base), True
 
 
-def _tile(x: torch.Tensor) -> np.ndarray:
-    return np.empty(min(TILE, max(1, x.numel())), dtype=_np(x).dtype)
+def _tile(x: torch.Tensor, dtype: type | None = None) -> np.ndarray:
+    """Scratch for one tile of x's elements, in x's dtype or `dtype`."""
+    return np.empty(min(TILE, max(1, x.numel())), dtype=dtype or _np(x).dtype)
 
 
 def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_bits: int, hist: torch.Tensor,
@@ -600,13 +601,13 @@ def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo
         raise ValueError(f"band_gather: {hist.numel()} bins are not the first digit of {digit_shift} bits shifted")
     unsigned = {np.int32: np.uint32, np.int64: np.uint64}[ints]
     lo_key, hi_key = lo << digit_shift, ((hi + 1) << digit_shift) - 1
-    buf = _tile(delta)
+    keys = _tile(delta, ints)  # a tile of keys less lo_key, also read as unsigned for the band's compare
     # Bounds in the keys' own integer types: int64 operands would halve the vector width.
     counts = _np(hist) if hist is not None else np.empty(0, dtype=np.int32)
     banded, above, kmin, kmax = _band_gather(
         *_operands(x, base, "band_gather"), sign_cleared, nan_key, ints(lo_key), ints(hi_key),
         unsigned(hi_key - lo_key), _np(keys_out), _np(index_out), start, counts, hist is not None,
-        ints(digit_shift), buf.view(ints), buf.view(unsigned))
+        ints(digit_shift), keys, keys.view(unsigned))
     return int(banded), int(above), int(kmin), int(kmax)
 
 
