@@ -492,19 +492,25 @@ def test_the_float16_rebias_for_cpus_without_a_half_instruction_widens_as_torch_
 
 @settings(max_examples=40, deadline=None, database=None)
 @given(n=st.integers(1, 5000), shift=st.integers(8, 20), counting=st.booleans(), source=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counting, source, seed):
+       double=st.booleans(), seed=st.integers(0, 2**16))
+def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counting, source, double, seed):
     """_fused.band_gather against torch: the keys whose digit lies in [lo, hi], the lowest and
     highest keys of the band and their neighbours just outside planted, in element order with
     their indices; the count above; with the histogram, every key's digit and the extremes.
-    Sizes cover partial tiles and partial blocks of the in-band scan."""
+    Sizes cover partial tiles and partial blocks of the in-band scan; float32 and float64
+    deltas (32- and 64-bit keys)."""
     from astolfo_dist.recipe.library import _fused
 
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, generator=gen) * 0.5).half() if source else torch.randn(n, generator=gen)
     base = torch.randn(n, generator=gen) * 0.01
+    wide, bits = (torch.float64, 63) if double else (torch.float32, 31)
+    if double:
+        x, base, shift = (x if source else x.double()), base.double(), shift + 32
     def magnitude_keys(x: torch.Tensor) -> torch.Tensor:  # stats.magnitude_bits: every NaN one key above inf
-        return ((x.float() - base).view(torch.int32) & 0x7FFFFFFF).clamp(max=0x7F800001)
+        ints = torch.int64 if double else torch.int32
+        sign_cleared, nan_key = (1 << bits) - 1, {31: 0x7F800001, 63: 0x7FF0000000000001}[bits]
+        return ((x.to(wide) - base).view(ints) & sign_cleared).clamp(max=nan_key)
 
     keys = magnitude_keys(x)
     digits = keys >> shift
@@ -513,12 +519,13 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counti
     lo_key, hi_key = lo << shift, ((hi + 1) << shift) - 1
     if not source:  # exactly at the edges and just outside (over a zero base: x - 0 is x)
         spots = torch.randperm(n, generator=gen)[: min(n, 8)]
-        edges = torch.tensor([lo_key, hi_key, lo_key - 1, hi_key + 1] * 2, dtype=torch.int32)[: spots.numel()]
-        x[spots], base[spots] = edges.view(torch.float32), 0.0
+        ints = torch.int64 if double else torch.int32
+        edges = torch.tensor([lo_key, hi_key, lo_key - 1, hi_key + 1] * 2, dtype=ints)[: spots.numel()]
+        x[spots], base[spots] = edges.view(wide), 0.0
         keys = magnitude_keys(x)
-        assert torch.equal(keys[spots], edges.clamp(max=0x7F800001))
+        assert torch.equal(keys[spots], edges)
     keys_out, index_out = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    hist = torch.zeros(1 << (31 - shift), dtype=torch.int32) if counting else None
+    hist = torch.zeros(1 << (bits - shift), dtype=torch.int32) if counting else None
     banded, above, kmin, kmax = _fused.band_gather(x, base, shift, lo, hi, keys_out, index_out, 7, hist=hist)
     inside = ((keys >= lo_key) & (keys <= hi_key)).nonzero().flatten()
     assert banded == inside.numel() and above == int((keys > hi_key).sum())
