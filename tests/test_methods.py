@@ -504,13 +504,12 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counti
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, generator=gen) * 0.5).half() if source else torch.randn(n, generator=gen)
     base = torch.randn(n, generator=gen) * 0.01
-    wide, bits = (torch.float64, 63) if double else (torch.float32, 31)
+    wide, ints, bits = (torch.float64, torch.int64, 63) if double else (torch.float32, torch.int32, 31)
+    nan_key = 0x7FF0000000000001 if double else 0x7F800001
     if double:
         x, base, shift = (x if source else x.double()), base.double(), shift + 32
     def magnitude_keys(x: torch.Tensor) -> torch.Tensor:  # stats.magnitude_bits: every NaN one key above inf
-        ints = torch.int64 if double else torch.int32
-        sign_cleared, nan_key = (1 << bits) - 1, {31: 0x7F800001, 63: 0x7FF0000000000001}[bits]
-        return ((x.to(wide) - base).view(ints) & sign_cleared).clamp(max=nan_key)
+        return ((x.to(wide) - base).view(ints) & ((1 << bits) - 1)).clamp(max=nan_key)
 
     keys = magnitude_keys(x)
     digits = keys >> shift
@@ -519,11 +518,10 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counti
     lo_key, hi_key = lo << shift, ((hi + 1) << shift) - 1
     if not source:  # exactly at the edges and just outside (over a zero base: x - 0 is x)
         spots = torch.randperm(n, generator=gen)[: min(n, 8)]
-        ints = torch.int64 if double else torch.int32
         edges = torch.tensor([lo_key, hi_key, lo_key - 1, hi_key + 1] * 2, dtype=ints)[: spots.numel()]
         x[spots], base[spots] = edges.view(wide), 0.0
         keys = magnitude_keys(x)
-        assert torch.equal(keys[spots], edges)
+        assert torch.equal(keys[spots], edges.clamp(max=nan_key))
     keys_out, index_out = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     hist = torch.zeros(1 << (bits - shift), dtype=torch.int32) if counting else None
     banded, above, kmin, kmax = _fused.band_gather(x, base, shift, lo, hi, keys_out, index_out, 7, hist=hist)
