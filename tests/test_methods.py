@@ -560,6 +560,29 @@ def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
                 assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk, split)
 
 
+@pytest.mark.parametrize("source", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["dare", "della"])
+def test_random_methods_read_inputs_as_they_are_with_the_same_bits(source, name):
+    """DARE's and DELLA's fused CPU passes take float16 and bfloat16 chunks unconverted
+    (read.source): their outputs equal those of chunks converted first, bit for bit, with
+    NaN, inf and zero deltas, with and without sign election."""
+    gen = torch.Generator().manual_seed(13)
+    originals = [x.to(source) for x in task_inputs(5, (60, 70), seed=37)]
+    for x in originals[1:]:
+        spots = torch.randperm(x.numel(), generator=gen)[:30]
+        x[spots[:10]], x[spots[10:20]] = math.nan, math.inf
+        x[spots[20:]] = originals[0][spots[20:]]  # zero deltas
+    xs = [x.float() for x in originals]
+    for params in ({"density": 0.3, "seed": 3}, {"density": 0.6, "seed": 4, "sign_election": True},
+                   {"density": 0.5, "seed": 5, "weights": [1.0, 0.5, 2.0, -1.0, 0.3], "rescale": False}):
+        method = build(name, params, base=0)
+        for chunk in (1000, 4200):
+            converted, _ = run(method, xs, chunk)
+            as_read, _ = run(method, xs, chunk, sources=originals)
+            assert torch.equal(converted.isnan(), as_read.isnan()), (params, chunk)
+            assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk)
+
+
 @pytest.mark.parametrize("group", [3, 8])
 def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkeypatch):
     """On the CPU, TIES's output takes the inputs as read, `GROUP` per pass over the chunk, a

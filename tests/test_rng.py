@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astolfo_dist.recipe._philox import fill
+from astolfo_dist.recipe.library._fused import fill
 from astolfo_dist.recipe.rng import (
     MAX_ELEMENTS,
     bernoulli_mask,
@@ -317,9 +317,17 @@ def test_fused_drop_delta_chunk_independence(start: int, n: int, cuts: list[floa
 
 def test_fused_drop_delta_rejects_what_it_cannot_do() -> None:
     ok = torch.ones(8)
-    for bad in (torch.ones(8, dtype=torch.float16), torch.ones(8, 2)[:, 0], torch.ones(8, dtype=torch.float64)):
+    for bad in (torch.ones(8, 2)[:, 0], torch.ones(8, dtype=torch.float64)):
         with pytest.raises(ValueError, match="contiguous CPU tensors of one dtype"):
             drop_delta_(ok.clone(), bad, ok, 0, 0, KEY, 0, 0.5)
+    with pytest.raises(ValueError, match="contiguous CPU tensors of one dtype"):  # out and base: the pass's dtype
+        drop_delta_(ok.half(), ok.half(), ok.half(), 0, 0, KEY, 0, 0.5)
+    # An input as read in a dtype that widens exactly (float16, bfloat16 for float32) is taken as it is.
+    base = torch.randn(64)
+    for source in (torch.float16, torch.bfloat16):
+        x = torch.randn(64).to(source)
+        as_read = drop_delta_(torch.empty(64), x, base, 0, 0, KEY, 5, 0.5, 0.5)
+        assert torch.equal(as_read, drop_delta_(torch.empty(64), x.float(), base, 0, 0, KEY, 5, 0.5, 0.5))
     with pytest.raises(ValueError, match="sizes differ"):
         drop_delta_(ok.clone(), ok, torch.ones(7), 0, 0, KEY, 0, 0.5)
     with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ Stream layout (version 3; changing any of it changes every random merge, so don'
 
 Elements are limited to e < 2**62, so b < 2**60 fits the two low counter words.
 
-The kernels are hand-written (recipe/_philox.py, compiled by numba) because numpy has only
+The kernels are hand-written (recipe/library/_fused.py, compiled by numba) because numpy has only
 Philox-4x64 (at its scalar speed, 1.6-2.2 ns per 32-bit word on the 2-core VM of the README's
 benchmarks) and torch's generators are not addressable per element. Philox-4x32 needs only
 32x32->64 multiplies, which vectorise: 0.4-0.8 ns per word here. A scalar-probability mask is
@@ -63,7 +63,7 @@ def stream_key(seed: int, input_index: int, key: str) -> tuple[int, int, int, in
 
 
 def stream(seed: int, input_index: int, key: str) -> np.ndarray:
-    """stream_key as a uint32 array: what the Philox kernels (recipe/_philox.py) take."""
+    """stream_key as a uint32 array: what the Philox kernels (recipe/library/_fused.py) take."""
     return np.array(stream_key(seed, input_index, key), dtype=np.uint32)
 
 
@@ -82,7 +82,7 @@ def random_u32(seed: int, input_index: int, key: str, start: int, count: int) ->
     _check_range(start, count)
     if count == 0:
         return np.empty(0, dtype=np.uint32)
-    from ._philox import WORDS_PER_BLOCK, fill  # here: numba loads only where masks are drawn
+    from .library._fused import WORDS_PER_BLOCK, fill  # here: numba loads only where masks are drawn
 
     first = start // WORDS_PER_BLOCK
     blocks = (start + count - 1) // WORDS_PER_BLOCK - first + 1
@@ -211,24 +211,26 @@ def drop_delta_(
 ) -> torch.Tensor:
     """out = d, or out += d with `accumulate`, for elements [start, start + out.numel()), where
     d is x - base where u < p, else +0.0 (NaN and inf too), then divided by `divisor` if one is
-    given. out, x and base: tensors the kernels take (`kernel_takes`).
+    given. out and base: tensors the kernels take (`kernel_takes`); x too, or an input chunk
+    as read in a dtype that widens to base's exactly (library/_fused.takes_source: float16 or
+    bfloat16 for float32), read as it is.
 
     Bit for bit torch.sub, keep_only(bernoulli_mask(..., p)), div_ and add_, in one pass
     (DARE's delta on the CPU), NaN payloads aside (where x and base are both NaN, torch.sub
     keeps base's payload and this x's; see library/_fused.py).
     """
+    from .library._fused import drop_delta, flat, source_array, takes_source
+
     tensors = (out, x, base)
-    if not kernel_takes(*tensors):
-        raise ValueError("drop_delta_ needs contiguous CPU tensors of one dtype, float32 or float64, got "
+    if not (kernel_takes(out, base) and (kernel_takes(x, base) or takes_source(x, base))):
+        raise ValueError("drop_delta_ needs contiguous CPU tensors of one dtype, float32 or float64 (x may be "
+                         "an input as read that widens to it), got "
                          + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
     if not x.numel() == base.numel() == out.numel():
         raise ValueError(f"drop_delta_: sizes differ: {out.numel()}, {x.numel()}, {base.numel()}")
     _check_range(start, out.numel())
     if out.numel():
-        from ._philox import drop_delta, flat
-
-        arrays = [flat(t) for t in tensors]
-        scalar = arrays[0].dtype.type
-        drop_delta(arrays[1], arrays[2], arrays[0], accumulate, stream(seed, input_index, key), start,
+        scalar = flat(out).dtype.type
+        drop_delta(source_array(x), flat(base), flat(out), accumulate, stream(seed, input_index, key), start,
                    np.uint64(keep_threshold(p)), scalar(1.0 if divisor is None else divisor), divisor is not None)
     return out

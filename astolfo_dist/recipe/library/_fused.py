@@ -8,7 +8,7 @@ aside: where both operands of a subtraction are NaN, torch keeps the second's pa
 the first's; a NaN stays a NaN in the same place, and the merge's final add of the base makes
 the payload the base's again on both paths): hand-written
 because no library fuses torch CPU operations without a C++ compiler at run time. They read
-float16 and bfloat16 inputs as stored (`_widen`, `_source`: no float32 copy of each input),
+float16 and bfloat16 inputs as stored (`_widen`, `source_array`: no float32 copy of each input),
 and TIES's output takes a group of inputs per pass (`topk_sides_group`). Imported on
 first use (numba costs ~115 MiB of RSS, budget.NUMBA_KERNELS); tests pin each to its torch
 path (tests/test_methods.py).
@@ -26,12 +26,17 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .. import _philox
 from ..rng import keep_thresholds, kernel_takes
 from ..stats import _PATTERNS
 from .base import WIDENED
 
-TILE = _philox.TILE  # elements per tile: its scratch stays in the L1 cache
+TILE = 4096  # elements per tile of most kernels: its scratch (16 KiB of words or float32) stays in L1
+WORDS_PER_BLOCK = 4  # uint32 outputs of one Philox-4x32 block
+# Compiled once per machine and cached on disk; numba checks a kernel's cache against its own
+# file only, so every kernel and intrinsic that another calls lives in this file (the Philox
+# generator included: rng.py's masks and DARE's and DELLA's deltas read inputs through _widen).
+# GIL released; IEEE arithmetic (x / 0 is inf or NaN, as in torch, not an exception).
+KERNEL = dict(cache=True, nogil=True, error_model="numpy")
 
 
 # Bit casts and the widening of 16-bit floats, as numba intrinsics: numba has no scalar bit cast
@@ -169,10 +174,15 @@ def takes_source(x: torch.Tensor, like: torch.Tensor) -> bool:
             and (x.dtype == like.dtype or (x.dtype, like.dtype) in WIDENED))
 
 
-_np = _philox.flat
+def flat(t) -> np.ndarray:
+    """A contiguous torch tensor as the 1-D numpy view the kernels take."""
+    return t.numpy() if t.dim() == 1 else t.view(-1).numpy()  # view(-1) alone costs 0.7 us a call
 
 
-def _source(x: torch.Tensor) -> np.ndarray:
+_np = flat
+
+
+def source_array(x: torch.Tensor) -> np.ndarray:
     """An input chunk as the kernels read it (_widen): float16 as its uint16 bits, bfloat16 as
     its int16 bits (numpy has no bfloat16, numba no float16 on the CPU), a float as it is."""
     if x.dtype == torch.float16:
@@ -188,7 +198,7 @@ def _same_size(what: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{what}: sizes differ: {', '.join(str(t.numel()) for t in tensors)}")
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _delta_tile(x, base, subtract, s, m, buf):  # pragma: no cover (compiled)
     """buf[:m] = x[s:s+m] - base[s:s+m] (torch.sub's bits), or x's values as they are (x: a
     source, see _widen)."""
@@ -221,7 +231,7 @@ def _kept(x, base, index, threshold, cut, sign_cleared, nan_key, zero):  # pragm
     return d if (key > threshold) | ((key == threshold) & (index < cut)) else zero
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key):  # pragma: no cover
     # One loop, no scratch tile: with the bit casts as intrinsics everything stays in registers
     # (the three loops over a tile before: 0.95 ns per element).
@@ -251,7 +261,7 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
     TopKResult.mask, keep_only and add_."""
     _same_size("topk_delta", out, x, base)
     _, sign_cleared, nan_key = _key_constants(out.dtype)
-    _topk_delta(_source(x), _np(base), _np(out), accumulate, start, *_threshold_and_cut(result), sign_cleared,
+    _topk_delta(source_array(x), _np(base), _np(out), accumulate, start, *_threshold_and_cut(result), sign_cleared,
                 nan_key)
 
 
@@ -269,7 +279,7 @@ def _side_terms(v, w, count, zero, one):  # pragma: no cover (compiled)
     return term, pos, low, w * (sign if sign > zero else zero), -w * (sign if sign < zero else zero)
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w, first):  # pragma: no cover (compiled)
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
@@ -322,7 +332,7 @@ def _elected(score, pos, low, pos_w, neg_w, weighted, lambda_, base, zero, one):
     return m * lambda_ + base  # two roundings: numba contracts no multiply-add by default
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pragma: no cover (compiled)
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
@@ -336,7 +346,7 @@ def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pr
             mix[i] = _elected(score[i], pos, low, zero, zero, False, lambda_, base[i], zero, one)
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix,
                       neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
                       t_nw):  # pragma: no cover (compiled)
@@ -416,7 +426,7 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     cuts = [_threshold_and_cut(r) for r in results]
     scalar = _np(mix).dtype.type
     _topk_sides_group(
-        _source(xs), rows, slot // size, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
+        source_array(xs), rows, slot // size, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
         np.array([c[1] for c in cuts], dtype=np.int64), sign_cleared, nan_key,
         np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
         count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,
@@ -436,7 +446,7 @@ def sides_finish(score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,
                   _np(base))
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _digit_histogram(x, base, subtract, sign_cleared, nan_key, filtered, prefix_shift, prefix, digit_shift, digit_mask,
                      hist, keys_out, store, buf, buf_bits):  # pragma: no cover (compiled)
     count = 0
@@ -471,7 +481,7 @@ def _digit_histogram(x, base, subtract, sign_cleared, nan_key, filtered, prefix_
     return count, kmin, kmax
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _scatter(keys, m, offset, digit_shift, digit_mask, hist):  # pragma: no cover (compiled)
     """hist[digit of keys[i] + offset] += 1 for i < m. Apart from the loops that compute the
     keys: a scatter in a loop keeps the whole loop from vectorising (a pass of the band with
@@ -486,7 +496,7 @@ def _delta_key(x, base, subtract, sign_cleared, nan_key):  # pragma: no cover (c
     return _magnitude_key(_widen(x) - base if subtract else _widen(x), sign_cleared, nan_key)
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, out, extremes, kmin,
                kmax):  # pragma: no cover (compiled)
     """out[:m] = the keys of x[s:s+m] - base[s:s+m] (or of x), less lo_key; returns how many
@@ -509,7 +519,7 @@ def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, o
     return above, kmin, kmax
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start, hist,
                  counting, digit_shift, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
     # Per tile: the keys (less lo_key) and the count above the band, branch-free (vectorised,
@@ -552,7 +562,7 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
     return banded, above, kmin, kmax
 
 
-@numba.njit(**_philox.KERNEL)
+@numba.njit(**KERNEL)
 def _band_digits(hist, top_rank, bottom_rank):  # pragma: no cover (compiled)
     above = 0
     before = 0  # keys above the top digit
@@ -580,7 +590,7 @@ def _operands(x: torch.Tensor, base: torch.Tensor | None, what: str) -> tuple[np
     if base is None:
         return _np(x), _np(x), False
     _same_size(what, x, base)
-    return _source(x), _np(base), True
+    return source_array(x), _np(base), True
 
 
 def _tile(x: torch.Tensor, dtype: type | None = None) -> np.ndarray:
@@ -658,6 +668,116 @@ def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: 
     narrow = np.empty(tile, dtype=np.float32)
     divisors = probs.astype(dtype)  # p in d's dtype, as torch's div_(prob.to(delta.dtype))
     scratch = (buf, narrow, narrow.view(np.int32), np.empty(tile, dtype=dtype),
-               np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * _philox.WORDS_PER_BLOCK, dtype=np.uint32))
-    _philox.della_delta(_np(x), _np(base), _np(out), accumulate, stream, start, keep_thresholds(probs), divisors,
-                        31 - bin_bits, rescale, *scratch)
+               np.empty(tile, dtype=np.bool_), np.empty(tile + 2 * WORDS_PER_BLOCK, dtype=np.uint32))
+    _della_delta(source_array(x), _np(base), _np(out), accumulate, stream, start, keep_thresholds(probs), divisors,
+                 31 - bin_bits, rescale, *scratch)
+
+
+# ----------------------------------------------------------------------------- Philox-4x32-10
+# rng.py's generator (its module docstring says why this one) and the random methods' fused
+# deltas: DARE's (rng.drop_delta_) and DELLA's (della_delta above).
+
+# Philox-4x32 multipliers and Weyl key increments (Random123); numba freezes globals as constants.
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+_LOW32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+
+
+@numba.njit(**KERNEL)
+def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
+    """out[4q : 4q + 4] = block first_block + q of `stream` (uint32 k0, k1, c2, c3): Philox-4x32-10
+    with key (k0, k1) and counter (block mod 2**32, block // 2**32, c2, c3)."""
+    k0, k1, c2, c3 = stream[0], stream[1], stream[2], stream[3]
+    lo = np.uint64(first_block) & _LOW32
+    hi = np.uint64(first_block) >> _S32
+    for q in range(blocks):
+        b = lo + np.uint64(q)  # the low counter word's carry goes into the next word
+        x0, x1, x2, x3 = np.uint32(b & _LOW32), np.uint32(hi + (b >> _S32)), c2, c3
+        a, bk = k0, k1
+        for _ in range(10):
+            p0, p1 = _M0 * np.uint64(x0), _M1 * np.uint64(x2)
+            # The XORs are left to numba's integer promotion (their values stay below 2**32):
+            # casting them back to uint32 here halves the speed (the loop no longer vectorises).
+            x0, x1, x2, x3 = (np.uint32(p1 >> _S32) ^ x1 ^ a, np.uint32(p1),
+                              np.uint32(p0 >> _S32) ^ x3 ^ bk, np.uint32(p0))
+            a, bk = np.uint32(a + _W0), np.uint32(bk + _W1)
+        out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3] = x0, x1, x2, x3
+
+
+@numba.njit(**KERNEL)
+def tile_words(stream, start, count, words):  # pragma: no cover (compiled)
+    """The words of elements [start, start + count) of `stream`, as a view into `words` (which
+    holds count + 2 * WORDS_PER_BLOCK at least): the blocks that cover them, from the first."""
+    first = start // WORDS_PER_BLOCK
+    last = (start + count - 1) // WORDS_PER_BLOCK
+    fill(stream, first, last - first + 1, words)
+    return words[start - WORDS_PER_BLOCK * first :]
+
+
+@numba.njit(**KERNEL)
+def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
+    """Tile by tile, for element start + i: d = x[i] - base[i] (x as read: _widen) where its word is below
+    `threshold`, else +0.0 (NaN and inf too), then / divisor when `divide`; out[i] = d, or
+    out[i] += d with `accumulate`. The arithmetic is IEEE in out's dtype, as torch's sub, div
+    and add."""
+    n = out.shape[0]
+    words = np.empty(TILE + 2 * WORDS_PER_BLOCK, np.uint32)
+    zero = out.dtype.type(0)
+    for s in range(0, n, TILE):
+        e = min(s + TILE, n)
+        # Slices, so that every index below is known non-negative and the loops vectorise;
+        # the flags are tested outside the loops for the same reason.
+        w = tile_words(stream, start + s, e - s, words)
+        xs, bs, os = x[s:e], base[s:e], out[s:e]
+        # Drop, then divide, as torch (keep_only, then div_): a dropped 0 / divisor is +0, or
+        # NaN for a divisor that is 0 in out's dtype.
+        if accumulate and divide:
+            for i in range(e - s):
+                d = _widen(xs[i]) - bs[i]
+                os[i] += (d if w[i] < threshold else zero) / divisor
+        elif accumulate:
+            for i in range(e - s):
+                d = _widen(xs[i]) - bs[i]
+                os[i] += d if w[i] < threshold else zero
+        elif divide:
+            for i in range(e - s):
+                d = _widen(xs[i]) - bs[i]
+                os[i] = (d if w[i] < threshold else zero) / divisor
+        else:
+            for i in range(e - s):
+                d = _widen(xs[i]) - bs[i]
+                os[i] = d if w[i] < threshold else zero
+
+
+@numba.njit(**KERNEL)
+def _della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, shift, rescale, buf, narrow,
+                narrow_bits, divs, keep, words):  # pragma: no cover (compiled)
+    """DELLA's delta, tile by tile (della_delta says what; the tiles are scratch)."""
+    n = out.shape[0]
+    zero = out.dtype.type(0)
+    tile = buf.shape[0]
+    for s in range(0, n, tile):
+        e = min(s + tile, n)
+        w = tile_words(stream, start + s, e - s, words)
+        xs, bs, os = x[s:e], base[s:e], out[s:e]
+        for i in range(e - s):
+            d = _widen(xs[i]) - bs[i]
+            buf[i] = d
+            narrow[i] = np.float32(d)
+        # The lookups first (gathers), then the drop, the division and the sum in loops that
+        # vectorise: with the division in the gather loop it took 5.5 ns per element.
+        for i in range(e - s):
+            b = (narrow_bits[i] & 0x7FFFFFFF) >> shift  # della.magnitude_bins: the pattern's top bits
+            keep[i] = w[i] < thresholds[b]  # rng.bernoulli_mask's u < p, as rng.keep_threshold
+            divs[i] = divisors[b]
+        for i in range(e - s):
+            buf[i] = buf[i] if keep[i] else zero  # keep_only: +0.0, NaN and inf too
+        if rescale:  # then the division, as torch's div_ after keep_only
+            for i in range(e - s):
+                buf[i] = buf[i] / divs[i]
+        for i in range(e - s):
+            kept = buf[i]
+            if accumulate:
+                os[i] += kept
+            else:
+                os[i] = kept

@@ -130,10 +130,15 @@ class Della(TaskVectorMethod):
         state.hist = []
         state.done = True
 
+    def takes_source(self, state: DellaState, j: int, base: torch.Tensor) -> bool:
+        """On the CPU the fused pass reads float16 and bfloat16 inputs as stored."""
+        return cpu_kernels(base) is not None
+
     def fused_delta(self, state: DellaState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,
                     out: torch.Tensor, accumulate: bool) -> bool:
-        """On the CPU: subtract, bin, draw, drop and rescale (and add) in one pass (_fused.della_delta)."""
-        kernels = cpu_kernels(out, x, base)
+        """On the CPU: subtract, bin, draw, drop and rescale (and add) in one pass (_fused.della_delta),
+        x as read."""
+        kernels = cpu_kernels(out, base, source=x)
         if kernels is None:
             return False
         p: DellaParams = self.params
