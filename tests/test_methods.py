@@ -533,6 +533,18 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counti
         assert (kmin, kmax) == (int(keys.min()), int(keys.max()))
 
 
+def inputs_as_read(source: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Five task inputs in `source` (the first the base), each other with NaN, inf and zero
+    deltas planted."""
+    gen = torch.Generator().manual_seed(seed)
+    originals = [x.to(source) for x in task_inputs(5, (60, 70), seed=seed)]
+    for x in originals[1:]:
+        spots = torch.randperm(x.numel(), generator=gen)[:30]
+        x[spots[:10]], x[spots[10:20]] = math.nan, math.inf
+        x[spots[20:]] = originals[0][spots[20:]]  # zero deltas
+    return originals
+
+
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("accumulator", [torch.float32, torch.float64])
 def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
@@ -541,12 +553,7 @@ def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
     NaN, inf and ties, several chunkings, split passes."""
     if (source, accumulator) not in WIDENED and source != accumulator:
         pytest.skip("not read as it is")
-    gen = torch.Generator().manual_seed(9)
-    originals = [x.to(source) for x in task_inputs(5, (60, 70), seed=31)]
-    for x in originals[1:]:
-        spots = torch.randperm(x.numel(), generator=gen)[:30]
-        x[spots[:10]], x[spots[10:20]] = math.nan, math.inf
-        x[spots[20:]] = originals[0][spots[20:]]  # zero deltas
+    originals = inputs_as_read(source, seed=31)
     xs = [x.to(accumulator) for x in originals]
     for params in ({"density": 0.3}, {"density": 0.5, "consensus": "count", "weights": [1.0, 0.5, 2.0, -1.0, 0.3]},
                    {"density": 0.4, "sign_election": False, "weights": [1.0, 0.5, 2.0, 1.0, 1.0]}):
@@ -566,12 +573,7 @@ def test_random_methods_read_inputs_as_they_are_with_the_same_bits(source, name)
     """DARE's and DELLA's fused CPU passes take float16 and bfloat16 chunks unconverted
     (read.source): their outputs equal those of chunks converted first, bit for bit, with
     NaN, inf and zero deltas, with and without sign election."""
-    gen = torch.Generator().manual_seed(13)
-    originals = [x.to(source) for x in task_inputs(5, (60, 70), seed=37)]
-    for x in originals[1:]:
-        spots = torch.randperm(x.numel(), generator=gen)[:30]
-        x[spots[:10]], x[spots[10:20]] = math.nan, math.inf
-        x[spots[20:]] = originals[0][spots[20:]]  # zero deltas
+    originals = inputs_as_read(source, seed=37)
     xs = [x.float() for x in originals]
     for params in ({"density": 0.3, "seed": 3}, {"density": 0.6, "seed": 4, "sign_election": True},
                    {"density": 0.5, "seed": 5, "weights": [1.0, 0.5, 2.0, -1.0, 0.3], "rescale": False}):

@@ -222,7 +222,7 @@ def drop_delta_(
     from .library._fused import drop_delta, flat, source_array, takes_source
 
     tensors = (out, x, base)
-    if not (kernel_takes(out, base) and (kernel_takes(x, base) or takes_source(x, base))):
+    if not (kernel_takes(out, base) and takes_source(x, base)):
         raise ValueError("drop_delta_ needs contiguous CPU tensors of one dtype, float32 or float64 (x may be "
                          "an input as read that widens to it), got "
                          + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
