@@ -1,4 +1,5 @@
-"""One-pass CPU kernels (numba) for the task-vector methods' per-input work in the output.
+"""One-pass CPU kernels (numba) for the task-vector methods' per-input work, and the Philox
+generator behind rng.py (at the end: numba's cache keeps them in one file, see KERNEL).
 
 On a GPU each step is a torch kernel; on the CPU each torch operation is a pass over the
 chunk in memory, and the output of TIES ran about twenty of them per input element (sub, the
@@ -716,10 +717,10 @@ def tile_words(stream, start, count, words):  # pragma: no cover (compiled)
 
 @numba.njit(**KERNEL)
 def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divide):  # pragma: no cover (compiled)
-    """Tile by tile, for element start + i: d = x[i] - base[i] (x as read: _widen) where its word is below
-    `threshold`, else +0.0 (NaN and inf too), then / divisor when `divide`; out[i] = d, or
-    out[i] += d with `accumulate`. The arithmetic is IEEE in out's dtype, as torch's sub, div
-    and add."""
+    """Tile by tile, for element start + i: d = x[i] - base[i] (x as read: _widen) where its
+    word is below `threshold`, else +0.0 (NaN and inf too), then / divisor when `divide`;
+    out[i] = d, or out[i] += d with `accumulate`. The arithmetic is IEEE in out's dtype, as
+    torch's sub, div and add."""
     n = out.shape[0]
     words = np.empty(TILE + 2 * WORDS_PER_BLOCK, np.uint32)
     zero = out.dtype.type(0)
