@@ -544,15 +544,10 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
         above += tile_above
         if counting:
             _scatter(buf_bits, m, lo_key, digit_shift, -1, hist)  # the first digit: no mask needed
+        # The tile is whole blocks (band_gather): keys past the last are set above the band.
+        buf_unsigned[m : -(-m // BAND_BLOCK) * BAND_BLOCK] = np.iinfo(buf_unsigned.dtype).max
         for b in range(0, m, BAND_BLOCK):
-            e = min(b + BAND_BLOCK, m)
-            if e - b == BAND_BLOCK:
-                bits = _band_bits(buf_unsigned, b, span)
-            else:  # the tile's last few keys
-                bits = np.uint64(0)
-                ub = buf_unsigned[b:e]
-                for i in range(e - b):
-                    bits |= np.uint64(ub[i] <= span) << np.uint64(i)
+            bits = _band_bits(buf_unsigned, b, span)
             while bits:
                 i = b + _lowest_set(bits)
                 bits &= bits - np.uint64(1)
@@ -642,7 +637,9 @@ def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo
         raise ValueError(f"band_gather: {hist.numel()} bins are not the first digit of {digit_shift} bits shifted")
     unsigned = {np.int32: np.uint32, np.int64: np.uint64}[ints]
     lo_key, hi_key = lo << digit_shift, ((hi + 1) << digit_shift) - 1
-    keys = _tile(delta, ints)  # a tile of keys less lo_key, also read as unsigned for the band's compare
+    # A tile of keys less lo_key, also read as unsigned for the band's compare, in whole blocks
+    # of _band_bits (span < the unsigned maximum, the padding's key: no padding is in the band).
+    keys = np.empty(-(-min(TILE, max(1, x.numel())) // BAND_BLOCK) * BAND_BLOCK, dtype=ints)
     # Bounds in the keys' own integer types: int64 operands would halve the vector width.
     counts = _np(hist) if hist is not None else np.empty(0, dtype=np.int32)
     banded, above, kmin, kmax = _band_gather(
