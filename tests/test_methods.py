@@ -489,6 +489,37 @@ def test_the_float16_rebias_for_cpus_without_a_half_instruction_widens_as_torch_
     widen(x.view(torch.int16).numpy().view(np.uint16), out.numpy())
     assert bits_equal(out, x.float())
 
+def test_a_kernel_marked_for_wide_vectors_is_compiled_for_them():
+    """_fused._wide_vectors gives its kernel LLVM's preferred vector width of 512 bits (the
+    function attribute is in the IR); on a CPU with AVX-512 its loop then uses zmm registers,
+    where the same loop unmarked uses none (x86's tuning prefers 256 bits)."""
+    import numba
+    from llvmlite import binding as llvm_binding
+
+    from astolfo_dist.recipe.library import _fused
+
+    def body(x, out):
+        for i in range(x.shape[0]):
+            out[i] = x[i] * np.float32(2) + out[i]
+
+    @numba.njit
+    def marked(x, out):
+        _fused._wide_vectors()
+        body_loop(x, out)
+
+    body_loop = numba.njit(inline="always")(body)
+    plain = numba.njit(body)
+    x, out = np.ones(4096, np.float32), np.zeros(4096, np.float32)
+    marked(x, out)
+    plain(x, out)
+    assert np.array_equal(out, np.full(4096, 4, np.float32))
+    sig = marked.signatures[0]
+    assert '"prefer-vector-width"="512"' in marked.inspect_llvm(sig)
+    if numba.config.CPU_NAME in (None, "host") and llvm_binding.get_host_cpu_features().get("avx512f", False):
+        assert "zmm" in marked.inspect_asm(sig)
+        assert "zmm" not in plain.inspect_asm(plain.signatures[0])
+
+
 
 @settings(max_examples=40, deadline=None, database=None)
 @given(n=st.integers(1, 5000), shift=st.integers(8, 20), counting=st.booleans(), source=st.booleans(),

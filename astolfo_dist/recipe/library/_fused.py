@@ -90,6 +90,19 @@ def _band_bits(typingctx, keys, at, span):  # pragma: no cover (compiled)
     return types.uint64(keys, at, span), codegen
 
 
+@intrinsic
+def _wide_vectors(typingctx):  # pragma: no cover (compiled)
+    """Let LLVM vectorise the calling kernel's loops at the CPU's widest vectors: 512 bits with
+    AVX-512, where its x86 tuning prefers 256 (clang's -mprefer-vector-width=512, as the
+    function attribute it sets; llvmlite lists no string attributes, so it is added as
+    text). A kernel's first statement; a no-op where vectors are narrower."""
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 def _half_by_fpext() -> bool:
     """Whether LLVM widens a half with an instruction on this CPU (x86-64 with F16C, 64-bit
     Arm); elsewhere, or where numba compiles for another CPU than this one (NUMBA_CPU_NAME,
@@ -203,6 +216,7 @@ def _same_size(what: str, *tensors: torch.Tensor) -> None:
 def _delta_tile(x, base, subtract, s, m, buf):  # pragma: no cover (compiled)
     """buf[:m] = x[s:s+m] - base[s:s+m] (torch.sub's bits), or x's values as they are (x: a
     source, see _widen)."""
+    _wide_vectors()
     # Slices, not x[s + i]: an index that may be negative to numba kept the float16 loop from
     # vectorising (1.1 ns per element against 0.19).
     xs = x[s : s + m]
@@ -234,6 +248,7 @@ def _kept(x, base, index, threshold, cut, sign_cleared, nan_key, zero):  # pragm
 
 @numba.njit(**KERNEL)
 def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key):  # pragma: no cover
+    _wide_vectors()
     # One loop, no scratch tile: with the bit casts as intrinsics everything stays in registers
     # (the three loops over a tile before: 0.95 ns per element).
     zero = out.dtype.type(0)
@@ -282,6 +297,7 @@ def _side_terms(v, w, count, zero, one):  # pragma: no cover (compiled)
 
 @numba.njit(**KERNEL)
 def _sides_add(d, score, mix, neg, count, pos_w, neg_w, weighted, w, first):  # pragma: no cover (compiled)
+    _wide_vectors()
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
     # Two loops: without weights, pos_w and neg_w are mix (sides_add), and a loop that names
@@ -335,6 +351,7 @@ def _elected(score, pos, low, pos_w, neg_w, weighted, lambda_, base, zero, one):
 
 @numba.njit(**KERNEL)
 def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pragma: no cover (compiled)
+    _wide_vectors()
     zero = mix.dtype.type(0)
     one = mix.dtype.type(1)
     if weighted:
@@ -351,6 +368,7 @@ def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pr
 def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix,
                       neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
                       t_nw):  # pragma: no cover (compiled)
+    _wide_vectors()
     # Tile by tile, every input of the group in turn, the sums in L1-sized tiles: the chunk-sized
     # sums are read and written once per group, not once per input (with all inputs in one
     # group, never: the last group writes the output). Two loops per input and tile, the delta
@@ -450,6 +468,7 @@ def sides_finish(score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,
 @numba.njit(**KERNEL)
 def _digit_histogram(x, base, subtract, sign_cleared, nan_key, filtered, prefix_shift, prefix, digit_shift, digit_mask,
                      hist, keys_out, store, buf, buf_bits):  # pragma: no cover (compiled)
+    _wide_vectors()
     count = 0
     kmin = nan_key
     kmax = -1
@@ -503,6 +522,7 @@ def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, o
     """out[:m] = the keys of x[s:s+m] - base[s:s+m] (or of x), less lo_key; returns how many
     lie above hi_key and, with `extremes`, the smallest and largest key so far. One loop from
     the input to the keys, no float tile between (0.54 ns per element against 0.66)."""
+    _wide_vectors()
     above = 0
     xs, bs = x[s : s + m], base[s : s + m]
     if extremes:
@@ -523,6 +543,7 @@ def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, o
 @numba.njit(**KERNEL)
 def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start, hist,
                  counting, digit_shift, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
+    _wide_vectors()
     # Per tile: the keys (less lo_key) and the count above the band, branch-free (vectorised,
     # _band_keys), then the few keys in the band, found by an unsigned compare of key - lo_key
     # with the band's span: a 64-bit mask per 64 keys (one vector compare, _band_bits), then a
@@ -685,6 +706,7 @@ _LOW32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
 def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
     """out[4q : 4q + 4] = block first_block + q of `stream` (uint32 k0, k1, c2, c3): Philox-4x32-10
     with key (k0, k1) and counter (block mod 2**32, block // 2**32, c2, c3)."""
+    _wide_vectors()
     k0, k1, c2, c3 = stream[0], stream[1], stream[2], stream[3]
     lo = np.uint64(first_block) & _LOW32
     hi = np.uint64(first_block) >> _S32
@@ -706,6 +728,7 @@ def fill(stream, first_block, blocks, out):  # pragma: no cover (compiled)
 def tile_words(stream, start, count, words):  # pragma: no cover (compiled)
     """The words of elements [start, start + count) of `stream`, as a view into `words` (which
     holds count + 2 * WORDS_PER_BLOCK at least): the blocks that cover them, from the first."""
+    _wide_vectors()
     first = start // WORDS_PER_BLOCK
     last = (start + count - 1) // WORDS_PER_BLOCK
     fill(stream, first, last - first + 1, words)
@@ -718,6 +741,7 @@ def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divi
     word is below `threshold`, else +0.0 (NaN and inf too), then / divisor when `divide`;
     out[i] = d, or out[i] += d with `accumulate`. The arithmetic is IEEE in out's dtype, as
     torch's sub, div and add."""
+    _wide_vectors()
     n = out.shape[0]
     words = np.empty(TILE + 2 * WORDS_PER_BLOCK, np.uint32)
     zero = out.dtype.type(0)
@@ -751,6 +775,7 @@ def drop_delta(x, base, out, accumulate, stream, start, threshold, divisor, divi
 def _della_delta(x, base, out, accumulate, stream, start, thresholds, divisors, shift, rescale, buf, narrow,
                 narrow_bits, divs, keep, words):  # pragma: no cover (compiled)
     """DELLA's delta, tile by tile (della_delta says what; the tiles are scratch)."""
+    _wide_vectors()
     n = out.shape[0]
     zero = out.dtype.type(0)
     tile = buf.shape[0]
