@@ -88,6 +88,7 @@ class ChunkBuffers:
         self._work: dict[object, tuple[torch.Tensor, ...]] = {}
         # Library methods' scratch, lent to every method this worker runs (allocated on first use).
         self.workspace = Workspace(chunk_elems)
+        self.state_workspace = Workspace()  # and their state buffers (recipe.library.base)
 
     def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
         """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""
@@ -242,6 +243,7 @@ class _TensorGraph:
         self.methods = [build(c.method, dict(c.params), base=c.base) for c in self.calls]
         for j, method in enumerate(self.methods):  # each node its own scratch namespace
             method.workspace = buffers.workspace.scope(str(j))
+            method.state_workspace = buffers.state_workspace.scope(str(j))
         self.states: list[State | None] = [None] * len(self.calls)
         self.n_sources = len(tensor.sources)
         acc_dtype = DTYPES[tensor.accumulator].torch_dtype

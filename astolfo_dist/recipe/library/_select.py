@@ -137,6 +137,9 @@ class Selection:
     max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
     keys_cap: int | None = None  # the most per-chunk distinct keys recorded; None: chunk_keys_cap()
     band_cap: int | None = None  # the most first-pass band candidates; None: band_cap_for(); 0: no band
+    # Where the histograms and the band's room come from (a method's state_workspace scope of
+    # its own per live selection: reused from tensor to tensor); None: allocated per pass.
+    scratch: Workspace | None = field(default=None, repr=False, compare=False)
     # This pass's counts per digit (int32, int64 for huge tensors) and the smallest and largest
     # key it saw (if they agree, every key sharing the prefix is that one), on the chunks'
     # device until end_pass reads them: on a GPU, no synchronisation per chunk.
@@ -285,7 +288,7 @@ class Selection:
         digits = scratch("select.digits", keys.dtype)[: keys.numel()]
         torch.bitwise_right_shift(keys, width - self.known - digit_bits, out=digits).bitwise_and_(bins - 1)
         if self.hist is None:  # counted in place: bincount would allocate int64 bins per chunk
-            self.hist = torch.zeros(bins, dtype=self._count_dtype(), device=digits.device)
+            self.hist = self._zeroed("hist", self._count_dtype(), bins, digits.device)
         ones = torch.ones(1, dtype=self.hist.dtype, device=digits.device)
         self.hist.index_add_(0, digits, ones.expand(digits.numel()))  # integer sums: any order, same counts
         if keys.numel():
@@ -306,7 +309,7 @@ class Selection:
             return
         keys_out = scratch("select.picked", key_int) if final and self.known and self.chunk_keys else None
         if self.hist is None:
-            self.hist = torch.zeros(1 << digit_bits, dtype=self._count_dtype())
+            self.hist = self._zeroed("hist", self._count_dtype(), 1 << digit_bits, torch.device("cpu"))
         if self.band is not None:  # the band and the first digit's histogram, in one pass
             count, (lo, hi) = n, self._band_gather(fused, x, base, start, hist=self.hist)
             self._check_band()
@@ -387,9 +390,18 @@ class Selection:
 
     def _band_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.band_key is None or self.band_index is None:  # allocated once, never grown
-            self.band_key = torch.empty(self.band_room, dtype=torch.int64)
-            self.band_index = torch.empty(self.band_room, dtype=torch.int64)
+            if self.scratch is None:
+                self.band_key = torch.empty(self.band_room, dtype=torch.int64)
+                self.band_index = torch.empty(self.band_room, dtype=torch.int64)
+            else:
+                self.band_key = self.scratch.buffer("band.key", torch.int64, self.band_room, "cpu")
+                self.band_index = self.scratch.buffer("band.index", torch.int64, self.band_room, "cpu")
         return self.band_key, self.band_index
+
+    def _zeroed(self, tag: str, dtype: torch.dtype, n: int, device: torch.device) -> torch.Tensor:
+        if self.scratch is None:
+            return torch.zeros(n, dtype=dtype, device=device)
+        return self.scratch.buffer(tag, dtype, n, device).zero_()
 
     def _band_shift(self) -> int:
         """The shift that leaves a key's first digit, the band's digits."""
