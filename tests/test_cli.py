@@ -203,3 +203,25 @@ def test_demo_merges_and_prints_the_output(tmp_path, capsys):
     out = Path(capsys.readouterr().out.strip())
     assert out.exists() and out.parent == tmp_path / "demo"
     assert sha256(out) != sha256(tmp_path / "demo" / "community-01.safetensors")
+
+
+def test_the_command_freezes_start_up_objects_out_of_the_collector_and_main_alone_does_not():
+    """`astolfo-dist` (cli.entry) moves the objects made at start-up out of the cyclic
+    collector's reach (gc.freeze) before it runs; a program that calls main() keeps its own
+    collector as it was."""
+    probe = (
+        "import gc, sys\n"
+        "from astolfo_dist import cli\n"
+        "def run(call):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0\n"
+        "run(lambda: cli.main(['--version']))\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "sys.argv = ['astolfo-dist', '--version']\n"
+        "run(cli.entry)\n"
+        "print('frozen', gc.get_freeze_count())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert int(proc.stdout.split()[-1]) > 100_000, proc.stdout
