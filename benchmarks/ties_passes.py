@@ -5,7 +5,8 @@ Run from the repository root, with the 8 full-size inputs of methods.py in --dir
     .venv/bin/python benchmarks/ties_passes.py [--dir benchmarks/work] [--repeats 3]
         [--json benchmarks/results/ties_passes.json] [--markdown benchmarks/results/ties_passes.md]
 
-Each run is `astolfo_dist.cli.main(["merge", ...])` in a child process of its own, timed from
+Each run is `astolfo_dist.cli.main(["merge", ...])` in a child process of its own, after the
+start-up objects are frozen out of the collector as the command does (cli.entry), timed from
 the call to its return (no interpreter start-up; CPU time from getrusage, all threads):
 
 * `uniform`: the 8 inputs averaged (what methods.py calls uniform);
@@ -38,8 +39,10 @@ import json, pickle, resource, sys, time
 from pathlib import Path
 mode, record, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 args = json.loads(sys.argv[4])
+import gc
 from astolfo_dist import worker
 from astolfo_dist.cli import main
+gc.freeze()  # as the astolfo-dist command does before main (cli.entry)
 settle = worker._TensorGraph.settle
 states = {}
 if mode == "record":
