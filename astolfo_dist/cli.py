@@ -224,10 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The `astolfo-dist` command (and `python -m astolfo_dist`): main, in a process of its own.
 
-    The objects made at start-up (torch's and this package's modules, about a million) are
+    The objects made at start-up (torch's and this package's modules, about 170 thousand) are
     never garbage: frozen out of the cyclic collector, whose full passes walked them all during
-    a merge (about 0.25 s of a full-size TIES merge, holding the GIL). Only here, where the
-    process is the command's: a caller of main() keeps its collector as it is."""
+    a merge (a full-size TIES merge: 2 full passes, 0.14 s holding the GIL; 0.024 s frozen).
+    Only here, where the process is the command's: a caller of main() keeps its collector as
+    it is."""
     gc.freeze()
     sys.exit(main())
 

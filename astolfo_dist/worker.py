@@ -88,7 +88,8 @@ class ChunkBuffers:
         self._work: dict[object, tuple[torch.Tensor, ...]] = {}
         # Library methods' scratch, lent to every method this worker runs (allocated on first use).
         self.workspace = Workspace(chunk_elems)
-        self.state_workspace = Workspace()  # and their state buffers (recipe.library.base)
+        # And their state buffers (recipe.library.base), at the sizes asked: they are budgeted.
+        self.state_workspace = Workspace(exact=True)
 
     def readahead(self, reader: RangeReader, offset: int, length: int) -> None:
         """Ask for the next `length` bytes, in windows: one hint per window, not per chunk."""

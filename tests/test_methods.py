@@ -491,8 +491,9 @@ def test_the_float16_rebias_for_cpus_without_a_half_instruction_widens_as_torch_
 
 def test_a_kernel_marked_for_wide_vectors_is_compiled_for_them():
     """_fused._wide_vectors gives its kernel LLVM's preferred vector width of 512 bits (the
-    function attribute is in the IR); on a CPU with AVX-512 its loop then uses zmm registers,
-    where the same loop unmarked uses none (x86's tuning prefers 256 bits)."""
+    function attribute is in the IR); on a CPU with AVX-512 its loop then uses zmm registers.
+    (Unmarked, the loop uses them too on CPUs whose tuning prefers 512 bits, such as AMD's
+    Zen 4: only Intel's prefers 256, so the unmarked loop is not checked.)"""
     import numba
     from llvmlite import binding as llvm_binding
 
@@ -517,7 +518,6 @@ def test_a_kernel_marked_for_wide_vectors_is_compiled_for_them():
     assert '"prefer-vector-width"="512"' in marked.inspect_llvm(sig)
     if numba.config.CPU_NAME in (None, "host") and llvm_binding.get_host_cpu_features().get("avx512f", False):
         assert "zmm" in marked.inspect_asm(sig)
-        assert "zmm" not in plain.inspect_asm(plain.signatures[0])
 
 
 

@@ -49,6 +49,15 @@ def test_capacity_allocates_once():
     assert ws.buffer("x", torch.int64, 5000, "cpu").numel() == 5000  # beyond capacity: grows
 
 
+def test_exact_grows_to_what_is_asked():
+    ws = Workspace(exact=True)
+    a = ws.buffer("x", torch.int64, 300, "cpu")
+    assert ws.nbytes() == 300 * 8  # not rounded up to 512
+    assert ws.buffer("x", torch.int64, 200, "cpu").data_ptr() == a.data_ptr()
+    assert ws.buffer("x", torch.int64, 301, "cpu").numel() == 301 and ws.nbytes() == 301 * 8
+    assert ws.scope("s").exact and pickle.loads(pickle.dumps(ws)).exact
+
+
 def test_scopes_share_storage_but_not_tags():
     ws = Workspace()
     one, two = ws.scope("one"), ws.scope("two")
@@ -158,3 +167,64 @@ def test_workspace_stays_within_the_declared_scratch(name, params, kind, dtype):
     whole_tensor(method, xs, torch.empty(numel, dtype=dtype))
     used = method.workspace.nbytes() / (numel * dtype.itemsize)
     assert used <= cls.scratch_chunks, f"{name}: {used:.2f} chunks of scratch, declares {cls.scratch_chunks}"
+
+
+def selection_results(state) -> list:
+    return [sel.result for sels in state.selections for sel in sels]
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs"])
+def test_lent_state_workspace_is_reused_across_tensors_and_gives_the_same_selections(name):
+    """With a state workspace lent (as the worker does, one tensor at a time), the selections'
+    histograms and bands are taken from it and reused from tensor to tensor: the same results
+    as a method that allocates its state per pass, and no new buffer after the first tensors."""
+    gen = torch.Generator().manual_seed(7)
+    params = {"density": 0.3} if name == "ties" else {"beta": 0.05, "gamma": 0.6}
+    lent = Workspace(exact=True)
+    pooled, plain = build(name, params, base=0), build(name, params, base=0)
+    pooled.state_workspace = lent.scope("0")
+    sizes = []
+    for numel in (3000, 70000, 70000, 5000):
+        xs = [torch.randn(numel, generator=gen) for _ in range(4)]
+        states = []
+        for method in (pooled, plain):
+            state = method.begin("k", numel, len(xs))
+            p = 0
+            while not method.ready(state):
+                for start in range(0, numel, 1 << 14):
+                    chunk = [x[start : start + (1 << 14)] for x in xs]
+                    method.observe(state, p, start, lambda i, chunk=chunk: chunk[i])
+                method.end_pass(state, p)
+                p += 1
+            states.append(state)
+        assert selection_results(states[0]) == selection_results(states[1])
+        sizes.append(lent.nbytes())
+    assert sizes[0] > 0 and sizes[2] == sizes[1] and sizes[3] == sizes[2]  # reused, not grown again
+
+
+def test_a_method_of_its_own_keeps_several_states_apart():
+    """One TIES instance, two tensors' states alive at once, their passes interleaved chunk by
+    chunk: each gets the selections it gets alone (a method used on its own allocates its state
+    per pass; only the worker, one tensor at a time, lends a state workspace)."""
+    gen = torch.Generator().manual_seed(3)
+    numel = 1 << 17
+    tensors = {key: [torch.randn(numel, generator=gen) * (1 + j) for j in range(3)] for key in ("a", "b")}
+
+    def settle(method, keys):
+        states = {key: method.begin(key, numel, 3) for key in keys}
+        p = 0
+        while not all(method.ready(s) for s in states.values()):
+            for start in range(0, numel, 1 << 15):
+                for key, state in states.items():
+                    if not method.ready(state):
+                        xs = tensors[key]
+                        method.observe(state, p, start, lambda i, xs=xs, start=start: xs[i][start : start + (1 << 15)])
+            for state in states.values():
+                if not method.ready(state):
+                    method.end_pass(state, p)
+            p += 1
+        return {key: selection_results(state) for key, state in states.items()}
+
+    together = settle(build("ties", {"density": 0.2}, base=0), ("a", "b"))
+    for key in ("a", "b"):
+        assert together[key] == settle(build("ties", {"density": 0.2}, base=0), (key,))[key]

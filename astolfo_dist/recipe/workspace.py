@@ -18,7 +18,9 @@ worker each get a namespace of their own, so their temporaries never alias.
 
 With `capacity` (the worker's chunk length), a buffer is allocated at that length the first
 time its tag is used, so a worker allocates each buffer once; pages a small tensor never
-touches cost no memory. Without it, buffers grow to the next power of two of what is asked.
+touches cost no memory. Without it, buffers grow to the next power of two of what is asked,
+or with `exact`, to what is asked: for state whose sizes are budgeted (the selections'
+histograms and bands), where rounding up would spend the budget's headroom.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import torch
 class Workspace:
     """Scratch buffers keyed by (tag, dtype, device); see the module docstring."""
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, exact: bool = False) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
+        self.exact = exact
         self._prefix = ""
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -44,7 +47,10 @@ class Workspace:
         key = (self._prefix + tag, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < n:
-            size = max(n, self.capacity) if self.capacity else 1 << max(0, n - 1).bit_length()
+            if self.capacity:
+                size = max(n, self.capacity)
+            else:
+                size = n if self.exact else 1 << max(0, n - 1).bit_length()
             del buf  # drop our reference before allocating the larger one
             buf = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
         return buf[:n]
@@ -57,6 +63,7 @@ class Workspace:
         """The same buffers seen through tags prefixed with `prefix` (a namespace for one user)."""
         view = Workspace.__new__(Workspace)
         view.capacity = self.capacity
+        view.exact = self.exact
         view._prefix = f"{self._prefix}{prefix}/"
         view._buffers = self._buffers
         return view
@@ -69,9 +76,9 @@ class Workspace:
         """Free every buffer (all scopes together)."""
         self._buffers.clear()
 
-    def __reduce__(self) -> tuple[type[Workspace], tuple[int]]:
+    def __reduce__(self) -> tuple[type[Workspace], tuple[int, bool]]:
         # Scratch has no meaning elsewhere: a pickled or copied workspace arrives empty.
-        return (Workspace, (self.capacity,))
+        return (Workspace, (self.capacity, self.exact))
 
     def __repr__(self) -> str:
         return f"Workspace({len(self._buffers)} buffers, {self.nbytes()} bytes, prefix={self._prefix!r})"

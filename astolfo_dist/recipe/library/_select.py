@@ -137,8 +137,8 @@ class Selection:
     max_bits: int | None = None  # the widest digit; None: hist_bits_for(numel)
     keys_cap: int | None = None  # the most per-chunk distinct keys recorded; None: chunk_keys_cap()
     band_cap: int | None = None  # the most first-pass band candidates; None: band_cap_for(); 0: no band
-    # Where the histograms and the band's room come from (a method's state_workspace scope of
-    # its own per live selection: reused from tensor to tensor); None: allocated per pass.
+    # Where the histograms and the band's room come from (a scope of the worker's state
+    # workspace for this selection alone: reused from tensor to tensor); None: allocated per pass.
     scratch: Workspace | None = field(default=None, repr=False, compare=False)
     # This pass's counts per digit (int32, int64 for huge tensors) and the smallest and largest
     # key it saw (if they agree, every key sharing the prefix is that one), on the chunks'
@@ -393,9 +393,10 @@ class Selection:
             if self.scratch is None:
                 self.band_key = torch.empty(self.band_room, dtype=torch.int64)
                 self.band_index = torch.empty(self.band_room, dtype=torch.int64)
-            else:
-                self.band_key = self.scratch.buffer("band.key", torch.int64, self.band_room, "cpu")
-                self.band_index = self.scratch.buffer("band.index", torch.int64, self.band_room, "cpu")
+            else:  # at the cap (the same for every tensor of a node): allocated once, touched up to the room
+                room, cap = self.band_room, max(self.band_room, self.band_cap)
+                self.band_key = self.scratch.buffer("band.key", torch.int64, cap, "cpu")[:room]
+                self.band_index = self.scratch.buffer("band.index", torch.int64, cap, "cpu")[:room]
         return self.band_key, self.band_index
 
     def _zeroed(self, tag: str, dtype: torch.dtype, n: int, device: torch.device) -> torch.Tensor:

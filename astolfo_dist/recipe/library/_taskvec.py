@@ -277,8 +277,8 @@ class SelectingMethod(TaskVectorMethod):
         n_sel = len(ks) * len(others)  # all of them hold their statistics at once
         limits = {"max_bits": hist_bits_for(numel, n_sel), "keys_cap": chunk_keys_cap(n_sel),
                   "band_cap": band_cap_for(n_sel)}
-        ws = self.state_workspace
-        sels = [[Selection(numel, k, inert_zeros=True, scratch=ws.scope(f"{j}.{m}"), **limits)
+        ws = self.state_workspace  # lent by the worker, one state alive at a time: a scope per selection
+        sels = [[Selection(numel, k, inert_zeros=True, scratch=None if ws is None else ws.scope(f"{j}.{m}"), **limits)
                  for m, k in enumerate(ks)] for j in range(len(others))]
         state = SelectionState(key, numel, n_inputs, selections=sels)
         state.refresh()

@@ -24,8 +24,11 @@ operations, so that `observe` and `output` allocate nothing chunk-sized once the
 exist. A method made on its own has a workspace of its own; the worker replaces it with the
 one it owns, shared by every method that worker runs. State that lives through a tensor's
 passes but is not chunk-sized (the selections' histograms and bands) comes from
-`self.state_workspace` likewise, so that it too is allocated once per worker, not once per
-tensor and pass (fresh pages cost a fault and zeroing each: TIES took 400 thousand faults).
+`self.state_workspace` where the worker lends one (a scope per graph node; the worker runs
+one tensor's graph at a time, so one state per node is alive at once), so that it too is
+allocated once per worker, not once per tensor and pass (fresh pages cost a fault and
+zeroing each: TIES took 400 thousand faults). A method used on its own has none and
+allocates its state per pass, so that any number of its states may be alive at once.
 
 Passes. `tensor_passes` is an upper bound on the number of statistic passes (0: purely
 elementwise, no state beyond the parameters). Some methods finish early, depending on the
@@ -240,7 +243,7 @@ class Method(ABC, Generic[P, S]):
         self.params: P = params  # type: ignore[assignment]
         self.base = base
         self.workspace = Workspace()  # chunk-sized scratch; the worker lends its own
-        self.state_workspace = Workspace()  # state buffers (counted in state_bytes); the worker lends its own
+        self.state_workspace: Workspace | None = None  # state buffers (in state_bytes), lent by the worker
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None, *, base: int | None = None) -> Method:
