@@ -610,9 +610,9 @@ def _operands(x: torch.Tensor, base: torch.Tensor | None, what: str) -> tuple[np
     return source_array(x), _np(base), True
 
 
-def _tile(x: torch.Tensor, dtype: type | None = None) -> np.ndarray:
-    """Scratch for one tile of x's elements, in x's dtype or `dtype`."""
-    return np.empty(min(TILE, max(1, x.numel())), dtype=dtype or _np(x).dtype)
+def _tile(x: torch.Tensor, dtype: type | None = None, block: int = 1) -> np.ndarray:
+    """Scratch for one tile of x's elements, in x's dtype or `dtype`, rounded up to whole blocks."""
+    return np.empty(-(-min(TILE, max(1, x.numel())) // block) * block, dtype=dtype or _np(x).dtype)
 
 
 def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_bits: int, hist: torch.Tensor,
@@ -660,7 +660,7 @@ def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo
     lo_key, hi_key = lo << digit_shift, ((hi + 1) << digit_shift) - 1
     # A tile of keys less lo_key, also read as unsigned for the band's compare, in whole blocks
     # of _band_bits (span < the unsigned maximum, the padding's key: no padding is in the band).
-    keys = np.empty(-(-min(TILE, max(1, x.numel())) // BAND_BLOCK) * BAND_BLOCK, dtype=ints)
+    keys = _tile(x, ints, BAND_BLOCK)
     # Bounds in the keys' own integer types: int64 operands would halve the vector width.
     counts = _np(hist) if hist is not None else np.empty(0, dtype=np.int32)
     banded, above, kmin, kmax = _band_gather(
