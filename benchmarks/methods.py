@@ -482,8 +482,8 @@ def _kernels(n: int) -> dict:
             lambda: _fused.digit_histogram(x16, 0, 0, 31, 16, hist, None, base=z),
         "ties, per input, first pass: x (fp16, as read) - base and a 3-digit band on the CPU (_fused.band_gather)":
             lambda: _fused.band_gather(x16, z, 15, digit - 1, digit + 1, *slots, 0),
-        "ties, per input, first quarter: the band and the histogram in one pass (band_gather with hist)":
-            lambda: _fused.band_gather(x16, z, 15, digit - 1, digit + 1, *slots, 0, hist=hist),
+        "ties, per input, first chunk: a histogram of 1 in 8 keys, to choose the band (_fused.sample_histogram)":
+            lambda: _fused.sample_histogram(x16, z, 15, hist, 8 * _fused.SAMPLE_BLOCK),
         "ties, per input, in output: fused masked delta on the CPU (_fused.topk_delta)":
             lambda: _fused.topk_delta(y, x, z, 0, settled.result, accumulate=False),
         "ties, per input, in output: fused election sums on the CPU (_fused.sides_add)":

@@ -522,14 +522,14 @@ def test_a_kernel_marked_for_wide_vectors_is_compiled_for_them():
 
 
 @settings(max_examples=40, deadline=None, database=None)
-@given(n=st.integers(1, 5000), shift=st.integers(8, 20), counting=st.booleans(), source=st.booleans(),
+@given(n=st.integers(1, 5000), shift=st.integers(8, 20), every=st.integers(1, 3), source=st.booleans(),
        double=st.booleans(), seed=st.integers(0, 2**16))
-def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counting, source, double, seed):
+def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, every, source, double, seed):
     """_fused.band_gather against torch: the keys whose digit lies in [lo, hi], the lowest and
     highest keys of the band and their neighbours just outside planted, in element order with
-    their indices; the count above; with the histogram, every key's digit and the extremes.
-    Sizes cover partial tiles and partial blocks of the in-band scan; float32 and float64
-    deltas (32- and 64-bit keys)."""
+    their indices; the count above. And _fused.sample_histogram: the digits of the keys of
+    every `every`-th block counted, how many, the largest key. Sizes cover partial tiles and
+    partial blocks of the in-band scan; float32 and float64 deltas (32- and 64-bit keys)."""
     from astolfo_dist.recipe.library import _fused
 
     gen = torch.Generator().manual_seed(seed)
@@ -554,14 +554,17 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, counti
         keys = magnitude_keys(x)
         assert torch.equal(keys[spots], edges.clamp(max=nan_key))
     keys_out, index_out = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    hist = torch.zeros(1 << (bits - shift), dtype=torch.int32) if counting else None
-    banded, above, kmin, kmax = _fused.band_gather(x, base, shift, lo, hi, keys_out, index_out, 7, hist=hist)
+    banded, above = _fused.band_gather(x, base, shift, lo, hi, keys_out, index_out, 7)
     inside = ((keys >= lo_key) & (keys <= hi_key)).nonzero().flatten()
     assert banded == inside.numel() and above == int((keys > hi_key).sum())
     assert torch.equal(keys_out[:banded], keys[inside].long()) and torch.equal(index_out[:banded], inside + 7)
-    if counting:
-        assert torch.equal(hist, torch.bincount(keys >> shift, minlength=hist.numel()).int())
-        assert (kmin, kmax) == (int(keys.min()), int(keys.max()))
+
+    hist = torch.zeros(1 << (bits - shift), dtype=torch.int32)
+    block = _fused.SAMPLE_BLOCK
+    sampled, kmax = _fused.sample_histogram(x, base, shift, hist, every * block)
+    picked = torch.cat([keys[s : s + block] for s in range(0, n, every * block)])
+    assert sampled == picked.numel() and kmax == int(picked.max())
+    assert torch.equal(hist, torch.bincount(picked >> shift, minlength=hist.numel()).int())
 
 
 def inputs_as_read(source: torch.dtype, seed: int) -> list[torch.Tensor]:
@@ -646,6 +649,54 @@ def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkey
     unfused = [run(build("ties", c, base=0), xs, 1000, sources=originals)[0] for c in configs]
     for c, a, b in zip(configs, fused, unfused, strict=True):
         assert torch.equal(a.isnan(), b.isnan()) and bits_equal(a.nan_to_num(0.5), b.nan_to_num(0.5)), c
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(n=st.integers(1, 3000), start=st.integers(0, 5000), rows=st.integers(1, 4), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, data):
+    """topk_sides_group compares a tile lying on one side of a row's cut with one bound
+    (_kept_from), and only the tile holding the cut by index: against topk_delta (always by
+    index), sides_add and sides_finish, bit for bit, for thresholds among heavily tied keys
+    (float16 deltas), cuts anywhere in and around the chunk (tile edges too), and rows that
+    keep nothing or everything."""
+    from types import SimpleNamespace
+
+    from astolfo_dist.recipe.library import _fused
+
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=gen) * 0.05).half().float()
+    xs = [(torch.randn(n, generator=gen) * 0.05).half() for _ in range(rows)]
+    tile = _fused.GROUP_TILE
+    results, weights = [], []
+    for x in xs:
+        keys = ((x.float() - base).view(torch.int32) & 0x7FFFFFFF)
+        kind = data.draw(st.sampled_from(["cut", "none", "all"]))
+        total = start + n + 50
+        if kind == "cut":
+            edge = data.draw(st.sampled_from([0, 1, -1]))
+            cut = data.draw(st.one_of(st.integers(0, total), st.sampled_from(
+                [max(0, start + t + edge) for t in range(0, n + tile, tile)])))
+            threshold = int(keys[data.draw(st.integers(0, n - 1))])
+            results.append(SimpleNamespace(k=1, numel=total, threshold_bits=threshold, n_equal_to_keep=1,
+                                           cut_index=cut))
+        else:
+            results.append(SimpleNamespace(k=0 if kind == "none" else total, numel=total, threshold_bits=0,
+                                           n_equal_to_keep=0, cut_index=0))
+        weights.append(data.draw(st.sampled_from([1.0, 0.5, -2.0])))
+    store = torch.cat([x.view(torch.uint8) for x in xs])
+    sums = [torch.empty(n) for _ in range(5)]
+    _fused.topk_sides_group(store, rows, torch.float16, 2 * n, base, start, results, weights, *sums[:3], False,
+                            (sums[3], sums[4]), first=True, lambda_=0.7)
+    ref = [torch.empty(n) for _ in range(5)]
+    d = torch.empty(n)
+    for g, (x, result, w) in enumerate(zip(xs, results, weights, strict=True)):
+        _fused.topk_delta(d, x, base, start, result, accumulate=False)
+        if w != 1.0:
+            d.mul_(w)
+        _fused.sides_add(d, *ref[:3], False, (ref[3], ref[4]), w, first=g == 0)
+    _fused.sides_finish(*ref[:3], (ref[3], ref[4]), 0.7, base)
+    assert torch.equal(sums[1].view(torch.int32), ref[1].view(torch.int32))
 
 
 def test_fused_kernels_refuse_mismatched_buffers():
@@ -923,12 +974,12 @@ def test_exact_sum_is_exact_and_order_free():
 
 @pytest.fixture(params=["fused", "torch"])
 def selection_path(request, monkeypatch):
-    """Run a test with the CPU's fused histogram pass (_fused.digit_histogram, counted) and with
-    the torch operations a GPU runs."""
+    """Run a test with the CPU's fused passes (_fused.digit_histogram, and the first pass's
+    sample_histogram, counted) and with the torch operations a GPU runs."""
     from astolfo_dist.recipe.library import _fused, _select
 
-    calls = {"digit_histogram": 0, "magnitude_bits": 0}
-    for module, name in ((_fused, "digit_histogram"), (_select, "magnitude_bits")):
+    calls = {"digit_histogram": 0, "sample_histogram": 0, "magnitude_bits": 0}
+    for module, name in ((_fused, "digit_histogram"), (_fused, "sample_histogram"), (_select, "magnitude_bits")):
         def counted(*args, _kernel=getattr(module, name), _name=name, **kwargs):
             calls[_name] += 1
             return _kernel(*args, **kwargs)
@@ -937,9 +988,9 @@ def selection_path(request, monkeypatch):
         monkeypatch.setattr(_fused, "supported", lambda *tensors: False)
     yield request.param
     if request.param == "torch":
-        assert calls["digit_histogram"] == 0 and calls["magnitude_bits"] > 0
+        assert calls["digit_histogram"] == calls["sample_histogram"] == 0 and calls["magnitude_bits"] > 0
     else:
-        assert calls["digit_histogram"] > 0
+        assert calls["digit_histogram"] + calls["sample_histogram"] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1055,15 +1106,20 @@ def topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_in_passes(x: torch.Tensor, k: int, chunk: int, copies: int = 1, *, inert_zeros: bool = False,
-                     **options) -> Selection:
+                     fed: list[int] | None = None, **options) -> Selection:
     """Selection over x in chunks of `chunk`; each pass split between `copies` copies of the state
-    (chunk i to copy i % copies), merged, then ended."""
+    (chunk i to copy i % copies), merged, then ended. With `fed`: how many chunks each pass
+    took (the others the selection did not want)."""
     sel = Selection(x.numel(), k, inert_zeros=inert_zeros, **options)
     while not sel.done:
         parts = [copy.deepcopy(sel) for _ in range(copies)]
+        if fed is not None:
+            fed.append(0)
         for i, s in enumerate(range(0, x.numel(), chunk)):
             if parts[i % copies].wants(s, chunk):
                 parts[i % copies].feed(x[s : s + chunk], s)
+                if fed is not None:
+                    fed[-1] += 1
         for other in parts[1:]:
             parts[0].merge(other)
         sel = parts[0]
@@ -1098,10 +1154,12 @@ def test_the_band_settles_even_deltas_in_one_pass(kind, copies):
 
 @pytest.mark.parametrize("kind", ["drift", "late shift", "no room"])
 def test_a_band_that_misses_costs_a_pass_not_a_wrong_answer(kind):
-    """Deltas that grow along the tensor (the first chunk's estimate is low: the quarter check
-    drops the band and the pass stays a histogram pass), deltas that jump after the quarter
-    check confirmed the band (the pass is repeated without one), and a band cap too small for
-    any digit: the exact selection every time, in the passes each case costs."""
+    """Deltas that grow along the tensor (the first chunk's estimate is low: at the quarter the
+    rank has left the band, and the pass stops there, to be repeated without one), deltas that
+    jump after the middle (the band misses once the keys above it are more than needed: the
+    rest of that pass is skipped too), and a band cap too small for any digit (a histogram pass
+    from the first chunk on): the exact selection every time, in the passes and chunks each case
+    costs (16 chunks a pass)."""
     numel, chunk = 1 << 20, 1 << 16
     gen = torch.Generator().manual_seed(22)
     x = torch.randn(numel, generator=gen)
@@ -1113,9 +1171,17 @@ def test_a_band_that_misses_costs_a_pass_not_a_wrong_answer(kind):
     else:
         options["band_cap"] = 64
     k = numel // 5 + 3
-    sel = select_in_passes(x, k, chunk, **options)
+    fed: list[int] = []
+    sel = select_in_passes(x, k, chunk, fed=fed, **options)
     assert torch.equal(selected(sel, x, chunk), topk_reference(x, k))
-    assert sel.result.passes == {"drift": 2, "late shift": 3, "no room": 2}[kind]
+    assert sel.result.passes == len(fed) == {"drift": 3, "late shift": 3, "no room": 2}[kind]
+    assert fed[1:] == [16] * (len(fed) - 1)
+    if kind == "drift":
+        assert fed[0] == 4  # a quarter of the tensor
+    elif kind == "late shift":
+        assert 8 < fed[0] < 16  # the band missed in the second half, before its end
+    else:
+        assert fed[0] == 16
 
 
 def test_inert_zeros_are_kept_whole_whichever_pass_settles_them():

@@ -65,6 +65,7 @@ def _lowest_set(typingctx, bits):  # pragma: no cover (compiled)
 
 
 BAND_BLOCK = 64  # keys per _band_bits: one uint64 of flags
+SAMPLE_BLOCK = 64  # contiguous elements per block of sample_histogram: whole vectors
 
 
 @intrinsic
@@ -246,6 +247,14 @@ def _kept(x, base, index, threshold, cut, sign_cleared, nan_key, zero):  # pragm
     return d if (key > threshold) | ((key == threshold) & (index < cut)) else zero
 
 
+@numba.njit(inline="always")
+def _kept_from(x, base, least, sign_cleared, nan_key, zero):  # pragma: no cover (compiled)
+    """_kept where the tile lies on one side of the cut: x - base where its key is at least
+    `least` (in the keys' own integer type: int64 indices and bounds halved the vectors)."""
+    d = _widen(x) - base
+    return d if _magnitude_key(d, sign_cleared, nan_key) >= least else zero
+
+
 @numba.njit(**KERNEL)
 def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key):  # pragma: no cover
     _wide_vectors()
@@ -255,6 +264,17 @@ def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, n
     for i in range(out.shape[0]):
         d = _kept(x[i], base[i], start + i, threshold, cut, sign_cleared, nan_key, zero)
         out[i] = out[i] + d if accumulate else d
+
+
+def _least_keys(result, ints: type) -> tuple[np.integer, np.integer]:
+    """A stats.TopKResult as the least key kept, in the keys' integer type `ints`: for the
+    elements before its cut, and for those from the cut on (_kept_from)."""
+    _, _, nan_key = _key_constants({np.int32: torch.float32, np.int64: torch.float64}[ints])
+    if result.k == 0:
+        return nan_key + ints(1), nan_key + ints(1)  # no key is that large
+    if result.k == result.numel:
+        return ints(0), ints(0)
+    return ints(result.threshold_bits), ints(result.threshold_bits + 1)
 
 
 def _threshold_and_cut(result) -> tuple[np.int64, np.int64]:
@@ -365,9 +385,9 @@ def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pr
 
 
 @numba.njit(**KERNEL)
-def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, sign_cleared, nan_key, scaled, ws, score, mix,
-                      neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score, t_mix, t_neg, t_pw,
-                      t_nw):  # pragma: no cover (compiled)
+def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, least_before, least_after, sign_cleared, nan_key,
+                      scaled, ws, score, mix, neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_d, t_score,
+                      t_mix, t_neg, t_pw, t_nw):  # pragma: no cover (compiled)
     _wide_vectors()
     # Tile by tile, every input of the group in turn, the sums in L1-sized tiles: the chunk-sized
     # sums are read and written once per group, not once per input (with all inputs in one
@@ -391,8 +411,13 @@ def _topk_sides_group(xs, rows, stride, base, start, thresholds, cuts, sign_clea
         for g in range(rows):
             xg = xs[g * stride + s : g * stride + s + m]  # row g: `stride` elements apart
             threshold, cut, w = thresholds[g], cuts[g], ws[g]
-            for i in range(m):
-                t_d[i] = _kept(xg[i], bs[i], start + s + i, threshold, cut, sign_cleared, nan_key, zero)
+            if cut <= start + s or start + s + m <= cut:  # the tile on one side of the cut: one compare
+                least = least_before[g] if start + s + m <= cut else least_after[g]
+                for i in range(m):
+                    t_d[i] = _kept_from(xg[i], bs[i], least, sign_cleared, nan_key, zero)
+            else:
+                for i in range(m):
+                    t_d[i] = _kept(xg[i], bs[i], start + s + i, threshold, cut, sign_cleared, nan_key, zero)
             if scaled[g]:
                 for i in range(m):
                     t_d[i] = t_d[i] * w
@@ -441,12 +466,14 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     _same_size("topk_sides_group", base, score, mix, neg, pos_w, neg_w)
     if not takes_source(xs, base):
         raise ValueError(f"topk_sides_group: {dtype} rows for a {base.dtype} pass")
-    _, sign_cleared, nan_key = _key_constants(mix.dtype)
+    ints, sign_cleared, nan_key = _key_constants(mix.dtype)
     cuts = [_threshold_and_cut(r) for r in results]
+    least = [_least_keys(r, ints) for r in results]
     scalar = _np(mix).dtype.type
     _topk_sides_group(
         source_array(xs), rows, slot // size, _np(base), start, np.array([c[0] for c in cuts], dtype=np.int64),
-        np.array([c[1] for c in cuts], dtype=np.int64), sign_cleared, nan_key,
+        np.array([c[1] for c in cuts], dtype=np.int64), np.array([b for b, _ in least], dtype=ints),
+        np.array([a for _, a in least], dtype=ints), sign_cleared, nan_key,
         np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
         count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,
         scalar(1.0 if lambda_ is None else lambda_),
@@ -541,8 +568,8 @@ def _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, o
 
 
 @numba.njit(**KERNEL)
-def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start, hist,
-                 counting, digit_shift, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
+def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span, keys_out, index_out, start,
+                 buf_bits, buf_unsigned):  # pragma: no cover (compiled)
     _wide_vectors()
     # Per tile: the keys (less lo_key) and the count above the band, branch-free (vectorised,
     # _band_keys), then the few keys in the band, found by an unsigned compare of key - lo_key
@@ -551,20 +578,14 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
     # keys, and a branch per key on "inside" for the 1.5-3% inside, at random places (measured:
     # 1.9 ns per element with both in one loop, 0.85-1.0 with a branch per key inside,
     # 0.55-0.62 with the mask built by a numba loop, 0.43-0.50 now).
-    # With `counting`, the first digit's histogram and the extremes too: the extremes in the
-    # first loop, the histogram's scatter in a loop of its own (_scatter).
     banded = 0
     above = 0
-    kmin = nan_key
-    kmax = -1
     n = x.shape[0]
     for s in range(0, n, buf_bits.shape[0]):
         m = min(s + buf_bits.shape[0], n) - s
-        tile_above, kmin, kmax = _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, buf_bits,
-                                            counting, kmin, kmax)
+        tile_above, _, _ = _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, buf_bits,
+                                      False, nan_key, nan_key)
         above += tile_above
-        if counting:
-            _scatter(buf_bits, m, lo_key, digit_shift, -1, hist)  # the first digit: no mask needed
         # The tile is whole blocks (band_gather): keys past the last are set above the band.
         buf_unsigned[m : -(-m // BAND_BLOCK) * BAND_BLOCK] = np.iinfo(buf_unsigned.dtype).max
         for b in range(0, m, BAND_BLOCK):
@@ -576,15 +597,33 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
                     keys_out[banded] = buf_bits[i] + lo_key
                     index_out[banded] = start + s + i
                 banded += 1
-    return banded, above, kmin, kmax
+    return banded, above
 
 
 @numba.njit(**KERNEL)
-def _band_digits(hist, top_rank, bottom_rank):  # pragma: no cover (compiled)
+def _sample_histogram(x, base, subtract, sign_cleared, nan_key, zero, every, digit_shift, hist,
+                      buf_bits):  # pragma: no cover (compiled)
+    """The first digits of the keys of x[s : s + block] (block: buf_bits' length) for s = 0,
+    every, 2 * every...: counted into hist. Returns how many keys it counted, and the largest."""
+    _wide_vectors()
+    sampled = 0
+    kmax = zero - 1
+    n = x.shape[0]
+    for s in range(0, n, every):
+        m = min(s + buf_bits.shape[0], n) - s
+        _, _, kmax = _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, zero, nan_key, buf_bits, True,
+                                nan_key, kmax)
+        _scatter(buf_bits, m, zero, digit_shift, -1, hist)
+        sampled += m
+    return sampled, kmax
+
+
+@numba.njit(**KERNEL)
+def _band_digits(hist, top_rank, bottom_rank, first):  # pragma: no cover (compiled)
     above = 0
     before = 0  # keys above the top digit
     top = -1
-    for d in range(hist.shape[0] - 1, -1, -1):
+    for d in range(first, -1, -1):
         if top < 0 and above + hist[d] >= top_rank:
             top, before = d, above
         above += hist[d]
@@ -593,11 +632,13 @@ def _band_digits(hist, top_rank, bottom_rank):  # pragma: no cover (compiled)
     return 0, max(top, 0), above - before  # fewer keys than bottom_rank: down to digit 0
 
 
-def band_digits(hist: torch.Tensor, top_rank: int, bottom_rank: int) -> tuple[int, int, int]:
+def band_digits(hist: torch.Tensor, top_rank: int, bottom_rank: int, first: int | None = None) -> tuple[int, int, int]:
     """The digits holding the top_rank-th and the bottom_rank-th largest keys counted in `hist`
     (top_rank <= bottom_rank), and how many keys lie in the digits from one to the other: a
-    scan from the top, where the cumulative sum of the whole histogram took 55 us."""
-    lo, hi, inside = _band_digits(_np(hist), top_rank, bottom_rank)
+    scan from the top (from digit `first` if given: no key lies above it), where the
+    cumulative sum of the whole histogram took 55 us."""
+    top = hist.numel() - 1 if first is None else min(first, hist.numel() - 1)
+    lo, hi, inside = _band_digits(_np(hist), top_rank, bottom_rank, top)
     return int(lo), int(hi), int(inside)
 
 
@@ -641,33 +682,43 @@ def digit_histogram(x: torch.Tensor, known: int, prefix: int, width: int, digit_
 
 
 def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo: int, hi: int,
-                keys_out: torch.Tensor, index_out: torch.Tensor, start: int, *,
-                hist: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+                keys_out: torch.Tensor, index_out: torch.Tensor, start: int) -> tuple[int, int]:
     """Selection's first pass with a band, in one pass over x (or x - base, as digit_histogram):
     the keys whose digit (key >> digit_shift, the first digit) is in [lo, hi], and their element
     indices from `start`, go to keys_out and index_out (int64, as many slots as there is room)
-    in element order; with `hist`, every key's digit is counted there too (digit_histogram's
-    first pass). Returns (how many keys are in the band, more than the slots if they
-    overflowed; how many lay above it; with `hist`, the smallest and largest key, else
-    nan_key and -1)."""
+    in element order. Returns (how many keys are in the band, more than the slots if they
+    overflowed; how many lay above it)."""
     delta = x if base is None else base
     ints, sign_cleared, nan_key = _key_constants(delta.dtype)
     if keys_out.numel() != index_out.numel() or {keys_out.dtype, index_out.dtype} != {torch.int64}:
         raise ValueError("band_gather: slots for keys and indices differ, or are not int64")
-    if hist is not None and hist.numel() << digit_shift != 1 << _PATTERNS[delta.dtype].bits:
-        raise ValueError(f"band_gather: {hist.numel()} bins are not the first digit of {digit_shift} bits shifted")
     unsigned = {np.int32: np.uint32, np.int64: np.uint64}[ints]
     lo_key, hi_key = lo << digit_shift, ((hi + 1) << digit_shift) - 1
     # A tile of keys less lo_key, also read as unsigned for the band's compare, in whole blocks
     # of _band_bits (span < the unsigned maximum, the padding's key: no padding is in the band).
     keys = _tile(x, ints, BAND_BLOCK)
     # Bounds in the keys' own integer types: int64 operands would halve the vector width.
-    counts = _np(hist) if hist is not None else np.empty(0, dtype=np.int32)
-    banded, above, kmin, kmax = _band_gather(
+    banded, above = _band_gather(
         *_operands(x, base, "band_gather"), sign_cleared, nan_key, ints(lo_key), ints(hi_key),
-        unsigned(hi_key - lo_key), _np(keys_out), _np(index_out), start, counts, hist is not None,
-        ints(digit_shift), keys, keys.view(unsigned))
-    return int(banded), int(above), int(kmin), int(kmax)
+        unsigned(hi_key - lo_key), _np(keys_out), _np(index_out), start, keys, keys.view(unsigned))
+    return int(banded), int(above)
+
+
+def sample_histogram(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, hist: torch.Tensor,
+                     every: int) -> tuple[int, int]:
+    """The first digits (key >> digit_shift, as band_gather's) of a sample of x's keys (or of
+    x - base's), counted into `hist`: blocks of SAMPLE_BLOCK elements, one every `every`
+    elements (a multiple of SAMPLE_BLOCK; SAMPLE_BLOCK: all of them). Returns (how many keys
+    were counted, the largest of them, -1 for none)."""
+    delta = x if base is None else base
+    ints, sign_cleared, nan_key = _key_constants(delta.dtype)
+    if every < SAMPLE_BLOCK or every % SAMPLE_BLOCK:
+        raise ValueError(f"sample_histogram: every={every} is not a multiple of {SAMPLE_BLOCK}")
+    if hist.numel() << digit_shift != 1 << _PATTERNS[delta.dtype].bits:
+        raise ValueError(f"sample_histogram: {hist.numel()} bins are not the first digit of {digit_shift} bits shifted")
+    sampled, kmax = _sample_histogram(*_operands(x, base, "sample_histogram"), sign_cleared, nan_key, ints(0), every,
+                                      ints(digit_shift), _np(hist), np.empty(SAMPLE_BLOCK, dtype=ints))
+    return int(sampled), int(kmax)
 
 
 def della_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, stream: np.ndarray, start: int,
