@@ -33,21 +33,22 @@ selection with statistics that are sums and sets:
   the same output without the index passes.
 
 The first pass's band (CPU kernels only; a GPU takes the passes above). An exact k-th
-largest needs two passes over data it cannot hold, unless a guess is right: the first chunk
-a copy of the state sees gives a histogram, and from it an estimate of the digit holding the
-threshold; the band is the digits around it (`_choose_band`: a few binomial deviations of
-the estimate and BAND_MARGIN of the chunk each side, within BAND_BUDGET). The pass then
+largest needs two passes over data it cannot hold, unless a guess is right: the first digits
+of the first chunk a copy of the state sees (of a sample of about SAMPLE of its keys, where the
+band's room allows for the sample's error: `_open_band`) give an estimate of the digit holding
+the threshold; the band is the digits around it (`_choose_band`: a few binomial deviations of
+the estimate and BAND_MARGIN of the chunk each side, within BAND_BUDGET). The pass then only
 gathers every key in the band with its index and counts the keys above it
-(`_fused.band_gather`), beside the histogram until a quarter of the tensor has been seen;
-then `_check_band` either confirms the band (the threshold's rank lies well inside it so
-far: the histogram stops, 1.4 ns per element less) or drops it (the rank left it: the pass
-stays a plain histogram pass). At the end, if above < need <= above + gathered, ranking the
-gathered keys settles the threshold and the tie split at once: one statistic pass. If a
-confirmed band misses after all (deltas that change late in the tensor), the pass is repeated
-without one. Bands of copies that saw different first chunks merge to the digits both
-gathered. Deltas alike along a tensor (the benchmark's inputs) take one pass; deltas that
-vary along it take the two of the histogram passes, plus the band's gathering over a quarter
-of the first (or, rarely, one more pass).
+(`_fused.band_gather`: no histogram beside it, which cost 0.75 ns per element more). At the
+end, if above < need <= above + gathered, ranking the gathered keys settles the threshold and
+the tie split at once: one statistic pass. `_check_band` drops a band as soon as it cannot
+hold the threshold (more keys above it than needed, too few left, more keys in it than its
+room), or from a quarter of the tensor on, once the threshold's rank has left the keys it
+gathered so far (deltas that vary along the tensor); the rest of that pass is then not read
+(`wants`), and the pass is repeated without a band. Bands of copies that saw different first
+chunks merge to the digits both gathered. Deltas alike along a tensor (the benchmark's
+inputs) take one pass; deltas that vary along it a quarter of one (or, where they change
+late, most of one), then the two of the histogram passes.
 
 Typical passes: 1 on the CPU where the band holds the threshold; else 2 for float32
 magnitudes of real tensors (1 for tensors of one value, or of at most COLLECT_CAP elements),
