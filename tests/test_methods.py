@@ -655,11 +655,11 @@ def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkey
 @given(n=st.integers(1, 3000), start=st.integers(0, 5000), rows=st.integers(1, 4), seed=st.integers(0, 2**16),
        data=st.data())
 def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, data):
-    """topk_sides_group compares a tile lying on one side of a row's cut with one bound
-    (_kept_from), and only the tile holding the cut by index: against topk_delta (always by
-    index), sides_add and sides_finish, bit for bit, for thresholds among heavily tied keys
-    (float16 deltas), cuts anywhere in and around the chunk (tile edges too), and rows that
-    keep nothing or everything."""
+    """topk_sides_group keeps by one bound per row on each side of its cut (a tile ends at a
+    cut inside it): against TopKResult.mask's rule in torch (by index), then sides_add and
+    sides_finish, bit for bit, for thresholds among heavily tied keys (float16 deltas), cuts
+    anywhere in and around the chunk (tile edges too), and rows that keep nothing or
+    everything."""
     from types import SimpleNamespace
 
     from astolfo_dist.recipe.library import _fused
@@ -689,9 +689,17 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
     _fused.topk_sides_group(store, rows, torch.float16, 2 * n, base, start, results, weights, *sums[:3], False,
                             (sums[3], sums[4]), first=True, lambda_=0.7)
     ref = [torch.empty(n) for _ in range(5)]
-    d = torch.empty(n)
+    index = torch.arange(start, start + n)
     for g, (x, result, w) in enumerate(zip(xs, results, weights, strict=True)):
-        _fused.topk_delta(d, x, base, start, result, accumulate=False)
+        d = x.float() - base
+        keys = d.view(torch.int32) & 0x7FFFFFFF  # no NaN here: the key is the pattern
+        if result.k == 0:
+            keep = torch.zeros(n, dtype=torch.bool)
+        elif result.k == result.numel:
+            keep = torch.ones(n, dtype=torch.bool)
+        else:  # TopKResult.mask
+            keep = (keys > result.threshold_bits) | ((keys == result.threshold_bits) & (index < result.cut_index))
+        d = torch.where(keep, d, 0.0)
         if w != 1.0:
             d.mul_(w)
         _fused.sides_add(d, *ref[:3], False, (ref[3], ref[4]), w, first=g == 0)

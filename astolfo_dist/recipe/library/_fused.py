@@ -238,37 +238,37 @@ def _magnitude_key(d, sign_cleared, nan_key):  # pragma: no cover (compiled)
 
 
 @numba.njit(inline="always")
-def _kept(x, base, index, threshold, cut, sign_cleared, nan_key, zero):  # pragma: no cover (compiled)
-    """x - base where the top-k keeps it (stats.magnitude_bits, then TopKResult.mask: a key
-    greater than the threshold, or equal to it at an index before the cut), else +0.0, as
-    keep_only's AND."""
-    d = _widen(x) - base
-    key = _magnitude_key(d, sign_cleared, nan_key)
-    return d if (key > threshold) | ((key == threshold) & (index < cut)) else zero
-
-
-@numba.njit(inline="always")
 def _kept_from(x, base, least, sign_cleared, nan_key, zero):  # pragma: no cover (compiled)
-    """_kept where the tile lies on one side of the cut: x - base where its key is at least
-    `least` (in the keys' own integer type: int64 indices and bounds halved the vectors)."""
+    """x - base where the top-k keeps it, else +0.0, as keep_only's AND: where its key
+    (stats.magnitude_bits) is at least `least`, in the keys' own integer type (_least_keys:
+    the bound of the elements on one side of the cut; int64 indices and bounds halved the
+    vectors)."""
     d = _widen(x) - base
     return d if _magnitude_key(d, sign_cleared, nan_key) >= least else zero
 
 
 @numba.njit(**KERNEL)
-def _topk_delta(x, base, out, accumulate, start, threshold, cut, sign_cleared, nan_key):  # pragma: no cover
+def _topk_delta(x, base, out, accumulate, start, cut, least_before, least_after, sign_cleared,
+                nan_key):  # pragma: no cover (compiled)
     _wide_vectors()
-    # One loop, no scratch tile: with the bit casts as intrinsics everything stays in registers
-    # (the three loops over a tile before: 0.95 ns per element).
+    # One loop per side of the cut, no scratch tile: with the bit casts as intrinsics everything
+    # stays in registers (the three loops over a tile before: 0.95 ns per element).
     zero = out.dtype.type(0)
-    for i in range(out.shape[0]):
-        d = _kept(x[i], base[i], start + i, threshold, cut, sign_cleared, nan_key, zero)
-        out[i] = out[i] + d if accumulate else d
+    n = out.shape[0]
+    before = min(max(cut - start, 0), n)  # elements before the cut
+    for part in range(2):
+        lo, hi = (0, before) if part == 0 else (before, n)
+        least = least_before if part == 0 else least_after
+        xs, bs, os = x[lo:hi], base[lo:hi], out[lo:hi]  # slices: see _delta_tile
+        for i in range(hi - lo):
+            d = _kept_from(xs[i], bs[i], least, sign_cleared, nan_key, zero)
+            os[i] = os[i] + d if accumulate else d
 
 
 def _least_keys(result, ints: type) -> tuple[np.integer, np.integer]:
     """A stats.TopKResult as the least key kept, in the keys' integer type `ints`: for the
-    elements before its cut, and for those from the cut on (_kept_from)."""
+    elements before its cut, and for those from the cut on (_kept_from): a key above the
+    threshold is kept anywhere, one equal to it before the cut only."""
     _, _, nan_key = _key_constants({np.int32: torch.float32, np.int64: torch.float64}[ints])
     if result.k == 0:
         return nan_key + ints(1), nan_key + ints(1)  # no key is that large
@@ -277,17 +277,9 @@ def _least_keys(result, ints: type) -> tuple[np.integer, np.integer]:
     return ints(result.threshold_bits), ints(result.threshold_bits + 1)
 
 
-def _threshold_and_cut(result) -> tuple[np.int64, np.int64]:
-    """A stats.TopKResult as the kernels test it: keep a key above the threshold, or equal to
-    it at an element index below the cut."""
-    if result.k == 0:
-        threshold, cut = np.iinfo(np.int64).max, 0  # none kept
-    elif result.k == result.numel:
-        threshold, cut = -1, 0  # every key is above -1
-    else:
-        threshold = result.threshold_bits
-        cut = result.cut_index if result.n_equal_to_keep else 0
-    return np.int64(threshold), np.int64(cut)
+def _cut(result) -> int:
+    """The element index from which a key equal to the threshold is no longer kept."""
+    return result.cut_index if 0 < result.k < result.numel and result.n_equal_to_keep else 0
 
 
 def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: int, result, *,
@@ -296,9 +288,9 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
     stats.TopKResult over the deltas) keeps the element, else +0.0. Bit for bit torch.sub,
     TopKResult.mask, keep_only and add_."""
     _same_size("topk_delta", out, x, base)
-    _, sign_cleared, nan_key = _key_constants(out.dtype)
-    _topk_delta(source_array(x), _np(base), _np(out), accumulate, start, *_threshold_and_cut(result), sign_cleared,
-                nan_key)
+    ints, sign_cleared, nan_key = _key_constants(out.dtype)
+    _topk_delta(source_array(x), _np(base), _np(out), accumulate, start, _cut(result), *_least_keys(result, ints),
+                sign_cleared, nan_key)
 
 
 @numba.njit(inline="always")
@@ -485,7 +477,7 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     scalar = _np(mix).dtype.type
     _topk_sides_group(
         source_array(xs), rows, slot // size, _np(base), start,
-        np.array([_threshold_and_cut(r)[1] for r in results], dtype=np.int64),
+        np.array([_cut(r) for r in results], dtype=np.int64),
         np.array([b for b, _ in least], dtype=ints), np.array([a for _, a in least], dtype=ints), sign_cleared, nan_key,
         np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
         count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,
