@@ -4,6 +4,7 @@ through the loss of a node. Nothing started here outlives the module; no `ray st
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -36,7 +37,13 @@ def _ours(temp_dir: str) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def cluster():
     # A short private temp dir: Ray's unix sockets live there, and ps can find our processes.
+    # Cluster also writes its address to <RAY_TMPDIR or /tmp>/ray/ray_current_cluster, whatever
+    # temp_dir says: pointed into ours, it neither needs /tmp/ray to exist (a fresh machine has
+    # none) nor overwrites the address another Ray user on this machine left there.
     temp_dir = tempfile.mkdtemp(prefix="adr-", dir="/tmp")
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    previous_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
     c = Cluster(initialize_head=True, head_node_args={**NODE, "temp_dir": temp_dir}, shutdown_at_exit=True)
     workers = [c.add_node(**NODE) for _ in range(2)]
     c.wait_for_nodes()
@@ -48,6 +55,10 @@ def cluster():
         if ray.is_initialized():
             ray.shutdown()
         c.shutdown()
+        if previous_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous_tmpdir
         deadline = time.monotonic() + 30
         while _ours(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
