@@ -265,11 +265,12 @@ def _topk_delta(x, base, out, accumulate, start, cut, least_before, least_after,
             os[i] = os[i] + d if accumulate else d
 
 
-def _least_keys(result, ints: type) -> tuple[np.integer, np.integer]:
-    """A stats.TopKResult as the least key kept, in the keys' integer type `ints`: for the
-    elements before its cut, and for those from the cut on (_kept_from): a key above the
-    threshold is kept anywhere, one equal to it before the cut only."""
-    _, _, nan_key = _key_constants({np.int32: torch.float32, np.int64: torch.float64}[ints])
+def _least_keys(result, nan_key: np.integer) -> tuple[np.integer, np.integer]:
+    """A stats.TopKResult as the least key kept, in the keys' integer type (nan_key's, see
+    _key_constants): for the elements before its cut, and for those from the cut on
+    (_kept_from): a key above the threshold is kept anywhere, one equal to it before the cut
+    only."""
+    ints = type(nan_key)
     if result.k == 0:
         return nan_key + ints(1), nan_key + ints(1)  # no key is that large
     if result.k == result.numel:
@@ -288,8 +289,8 @@ def topk_delta(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, start: in
     stats.TopKResult over the deltas) keeps the element, else +0.0. Bit for bit torch.sub,
     TopKResult.mask, keep_only and add_."""
     _same_size("topk_delta", out, x, base)
-    ints, sign_cleared, nan_key = _key_constants(out.dtype)
-    _topk_delta(source_array(x), _np(base), _np(out), accumulate, start, _cut(result), *_least_keys(result, ints),
+    _, sign_cleared, nan_key = _key_constants(out.dtype)
+    _topk_delta(source_array(x), _np(base), _np(out), accumulate, start, _cut(result), *_least_keys(result, nan_key),
                 sign_cleared, nan_key)
 
 
@@ -466,7 +467,7 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     if not takes_source(xs, base):
         raise ValueError(f"topk_sides_group: {dtype} rows for a {base.dtype} pass")
     ints, sign_cleared, nan_key = _key_constants(mix.dtype)
-    least = [_least_keys(r, ints) for r in results]
+    least = [_least_keys(r, nan_key) for r in results]
     scalar = _np(mix).dtype.type
     _topk_sides_group(
         source_array(xs), rows, slot // size, _np(base), start,
@@ -630,13 +631,12 @@ def _band_digits(hist, top_rank, bottom_rank, first):  # pragma: no cover (compi
     return 0, max(top, 0), above - before  # fewer keys than bottom_rank: down to digit 0
 
 
-def band_digits(hist: torch.Tensor, top_rank: int, bottom_rank: int, first: int | None = None) -> tuple[int, int, int]:
+def band_digits(hist: torch.Tensor, top_rank: int, bottom_rank: int, first: int) -> tuple[int, int, int]:
     """The digits holding the top_rank-th and the bottom_rank-th largest keys counted in `hist`
     (top_rank <= bottom_rank), and how many keys lie in the digits from one to the other: a
-    scan from the top (from digit `first` if given: no key lies above it), where the
-    cumulative sum of the whole histogram took 55 us."""
-    top = hist.numel() - 1 if first is None else min(first, hist.numel() - 1)
-    lo, hi, inside = _band_digits(_np(hist), top_rank, bottom_rank, top)
+    scan from digit `first` down (no key lies above it), where the cumulative sum of the whole
+    histogram took 55 us."""
+    lo, hi, inside = _band_digits(_np(hist), top_rank, bottom_rank, min(first, hist.numel() - 1))
     return int(lo), int(hi), int(inside)
 
 

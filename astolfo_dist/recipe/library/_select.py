@@ -326,7 +326,7 @@ class Selection:
         The digits are counted for a sample of the chunk (about SAMPLE keys, in blocks spread
         over it) where the band's room allows for the sample's error, else for all its keys:
         a large tensor's band is narrow (its keys within band_cap), and there the first chunk
-        is a small part of the tensor (measured: 35 of 7959 selections of the benchmark's TIES
+        is a small part of the tensor (measured: 35 of 7994 selections of the benchmark's TIES
         missed with samples everywhere, none this way)."""
         self.band_open = False
         n, shift = x.numel(), self._band_shift()
