@@ -658,8 +658,8 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
     """topk_sides_group keeps by one bound per row on each side of its cut (a tile ends at a
     cut inside it): against TopKResult.mask's rule in torch (by index), then sides_add and
     sides_finish, bit for bit, for thresholds among heavily tied keys (float16 deltas), cuts
-    anywhere in and around the chunk (tile edges too), and rows that keep nothing or
-    everything."""
+    anywhere in and around the chunk (tile edges too), rows that keep nothing or everything,
+    with and without normalize's weight sums, in one group or two."""
     from types import SimpleNamespace
 
     from astolfo_dist.recipe.library import _fused
@@ -684,10 +684,16 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
             results.append(SimpleNamespace(k=0 if kind == "none" else total, numel=total, threshold_bits=0,
                                            n_equal_to_keep=0, cut_index=0))
         weights.append(data.draw(st.sampled_from([1.0, 0.5, -2.0])))
+    weighted, split = data.draw(st.booleans()), data.draw(st.integers(0, rows - 1))
     store = torch.cat([x.view(torch.uint8) for x in xs])
     sums = [torch.empty(n) for _ in range(5)]
-    _fused.topk_sides_group(store, rows, torch.float16, 2 * n, base, start, results, weights, *sums[:3], False,
-                            (sums[3], sums[4]), first=True, lambda_=0.7)
+    sides = (sums[3], sums[4]) if weighted else None
+    if split:  # two groups: the first's sums written out, the second's read back
+        _fused.topk_sides_group(store, split, torch.float16, 2 * n, base, start, results[:split], weights[:split],
+                                *sums[:3], False, sides, first=True, lambda_=None)
+    _fused.topk_sides_group(store[split * 2 * n :], rows - split, torch.float16, 2 * n, base, start,
+                            results[split:], weights[split:], *sums[:3], False, sides, first=not split,
+                            lambda_=0.7)
     ref = [torch.empty(n) for _ in range(5)]
     index = torch.arange(start, start + n)
     for g, (x, result, w) in enumerate(zip(xs, results, weights, strict=True)):
@@ -702,8 +708,8 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
         d = torch.where(keep, d, 0.0)
         if w != 1.0:
             d.mul_(w)
-        _fused.sides_add(d, *ref[:3], False, (ref[3], ref[4]), w, first=g == 0)
-    _fused.sides_finish(*ref[:3], (ref[3], ref[4]), 0.7, base)
+        _fused.sides_add(d, *ref[:3], False, (ref[3], ref[4]) if weighted else None, w, first=g == 0)
+    _fused.sides_finish(*ref[:3], (ref[3], ref[4]) if weighted else None, 0.7, base)
     assert torch.equal(sums[1].view(torch.int32), ref[1].view(torch.int32))
 
 
