@@ -332,7 +332,7 @@ class _TensorGraph:
 
 @dataclass(frozen=True)
 class _ChunkRead:
-    """One node's recipe.library.base.Read for one chunk: read(i), and read.source(i)."""
+    """One node's recipe.library.base.Read for one chunk: read(i), read.source(i), read.format."""
 
     graph: _TensorGraph
     args: tuple[int, ...]
@@ -344,6 +344,10 @@ class _ChunkRead:
 
     def source(self, i: int, into: torch.Tensor | None = None) -> torch.Tensor:
         return self.graph._source(self.args[i], self.start, self.n, into)
+
+    @property
+    def format(self) -> tuple[int, torch.dtype, torch.device]:
+        return self.n, self.graph.leaf.dtype, self.graph.leaf.device
 
 
 def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:

@@ -2,6 +2,7 @@
 # Engine against engine: uniform and TIES at full size, whole command, interleaved rounds.
 #
 #   bash benchmarks/engine_ab.sh OLD_COMMIT [ROUNDS]     # from the repository root; ~1 min per round, +40 s
+#   WORKERS=1 bash benchmarks/engine_ab.sh ...            # one worker thread: no GIL contention, less noise
 #
 # Needs methods.py's 8 full-size inputs in benchmarks/work (see benchmarks/README.md). The old
 # engine runs from a temporary git worktree of OLD_COMMIT (removed at exit), the new one from
@@ -26,7 +27,7 @@ run() {  # label, engine folder, merge arguments...
   local label=$1 dir=$2
   shift 2
   (cd "$dir" && PYTHONPATH="$dir" /usr/bin/time -f "$label %e s user %U sys %S" "$py" -m astolfo_dist merge "$@" \
-    -o "$out" --overwrite -q --workers 2 2>&1 >/dev/null | tail -n 1)
+    -o "$out" --overwrite -q --workers "${WORKERS:-2}" 2>&1 >/dev/null | tail -n 1)
   rm -f "$out"
 }
 

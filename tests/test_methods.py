@@ -48,7 +48,8 @@ SOURCES = [torch.float16, torch.bfloat16, torch.float32]
 
 class Reader:
     """read(i): chunk i of input i, a fresh copy; the previous copy is poisoned. With `sources`
-    (the inputs in their own dtypes, as the worker reads them), read.source(i) too."""
+    (the inputs in their own dtypes, as the worker reads them), read.source(i) and
+    read.format too (as the worker's reader: the CPU's grouped statistic pass)."""
 
     def __init__(self, xs: list[torch.Tensor], start: int, n: int,
                  sources: list[torch.Tensor] | None = None) -> None:
@@ -56,6 +57,7 @@ class Reader:
         self.last: torch.Tensor | None = None
         if sources is not None:
             self.source = lambda i, into=None: self._fresh(sources, i)
+            self.format = (xs[0][start : start + n].numel(), xs[0].dtype, xs[0].device)
 
     def _fresh(self, xs: list[torch.Tensor], i: int) -> torch.Tensor:
         if self.last is not None:
@@ -567,6 +569,51 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, every,
     assert torch.equal(hist, torch.bincount(picked >> shift, minlength=hist.numel()).int())
 
 
+@settings(max_examples=40, deadline=None, database=None)
+@given(n=st.integers(1, 5000), slots=st.lists(st.integers(0, 4), min_size=1, max_size=4, unique=True),
+       source=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), base_as_read=st.booleans(),
+       double=st.booleans(), room=st.integers(0, 300), seed=st.integers(0, 2**16))
+def test_band_gather_group_gathers_what_band_gather_does_per_row(n, slots, source, base_as_read, double, room,
+                                                                  seed):
+    """_fused.band_gather_group: several rows as read (float16, bfloat16 or float32, at any
+    slots of the store), each with a band of its own, against one base as read or already
+    widened, float32 or float64 deltas: per row the keys, indices and counts band_gather finds
+    with the base widened first, and where a row's room is smaller than its band, its first
+    keys in the room and the count of all of them."""
+    from astolfo_dist.recipe.library import _fused
+
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.float64 if double else torch.float32
+    slot = n * torch.empty(0, dtype=delta).element_size()
+    store = torch.zeros((max(slots) + 1) * slot, dtype=torch.uint8)
+    wide_base = (torch.randn(n, generator=gen) * 0.01).to(source).to(delta)
+    base = wide_base.to(source) if base_as_read else wide_base
+    rows, bands, outs, expected = [], [], [], []
+    for k in slots:
+        x = (torch.randn(n, generator=gen) * 0.5).to(source)
+        x[torch.randperm(n, generator=gen)[: n // 50]] = math.nan
+        store[k * slot : k * slot + n * x.element_size()].copy_(x.view(torch.uint8))
+        shift = int(torch.randint(8, 20, (1,), generator=gen)) + (32 if double else 0)
+        ints, bits = (torch.int64, 63) if double else (torch.int32, 31)
+        digits = ((x.to(delta) - wide_base).view(ints) & ((1 << bits) - 1)) >> shift  # NaNs at the top: not kth
+        lo = int(digits.kthvalue(max(1, n - n // 4)).values)
+        band = (shift, lo, lo + int(torch.randint(0, 3, (1,), generator=gen)))
+        full = [torch.empty(n, dtype=torch.int64) for _ in range(2)]
+        expected.append((_fused.band_gather(x, wide_base, *band, *full, 11), [t.clone() for t in full]))
+        rows.append(x)
+        bands.append(band)
+        outs.append([torch.full((room,), -5, dtype=torch.int64) for _ in range(2)])
+    banded, above = _fused.band_gather_group(store, slots, source, slot, base, delta, 11, bands,
+                                             [k for k, _ in outs], [i for _, i in outs])
+    for g, (((want_banded, want_above), (keys, index)), (got_keys, got_index)) in enumerate(
+            zip(expected, outs, strict=True)):
+        assert (banded[g], above[g]) == (want_banded, want_above), g
+        kept = min(room, want_banded)
+        assert torch.equal(got_keys[:kept], keys[:kept]) and torch.equal(got_index[:kept], index[:kept]), g
+        assert bool((got_keys[kept:] == -5).all() and (got_index[kept:] == -5).all()), g  # nothing past the room
+    assert all(want > 0 for (want, _), _ in expected)  # every band holds keys
+
+
 def inputs_as_read(source: torch.dtype, seed: int) -> list[torch.Tensor]:
     """Five task inputs in `source` (the first the base), each other with NaN, inf and zero
     deltas planted."""
@@ -599,6 +646,36 @@ def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
                 assert passes == passes_read
                 assert torch.equal(converted.isnan(), as_read.isnan()), (params, chunk)
                 assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk, split)
+
+
+def test_ties_grouped_first_pass_feeds_a_histogram_where_no_band_fits(monkeypatch):
+    """The CPU's statistic pass takes all inputs of a chunk at once (_select.gather_bands).
+    Where an input's first chunk admits no band (its deltas mostly zero: one digit holds more
+    keys than the band's room) and the others' do, that input counts a histogram and the
+    others gather their bands at their slots: the same passes and bits as feeding each input
+    alone (a reader without read.format)."""
+    from astolfo_dist.recipe.library import _select, _taskvec
+
+    monkeypatch.setattr(_taskvec, "band_cap_for", lambda selections: 420)  # a room of ~50 keys per first chunk
+    opened = []
+    choose = _select.Selection._open_band
+    monkeypatch.setattr(_select.Selection, "_open_band",
+                        lambda self, *a: (opened.append(choose(self, *a)), opened[-1])[1])
+    originals = inputs_as_read(torch.float16, seed=43)
+    mostly_zero = torch.rand(originals[2].numel(), generator=torch.Generator().manual_seed(5)) < 0.85
+    originals[2][mostly_zero] = originals[0][mostly_zero]
+    xs = [x.float() for x in originals]
+    method = build("ties", {"density": 0.3}, base=0)
+    for chunk in (1000, 4200):
+        opened.clear()
+        alone, passes = run(method, xs, chunk)
+        chosen = opened.copy()
+        assert True in chosen and False in chosen, chosen
+        opened.clear()
+        grouped, passes_grouped = run(method, xs, chunk, sources=originals)
+        assert opened == chosen and passes == passes_grouped
+        assert torch.equal(alone.isnan(), grouped.isnan()) and bits_equal(alone.nan_to_num(0.5),
+                                                                          grouped.nan_to_num(0.5)), chunk
 
 
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16])

@@ -64,6 +64,17 @@ def _lowest_set(typingctx, bits):  # pragma: no cover (compiled)
     return types.int64(bits), lambda context, builder, sig, args: builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
 
+@intrinsic
+def _int64s_at(typingctx, address):  # pragma: no cover (compiled)
+    """An int64 address as a pointer to int64s (numba.carray makes it an array): how
+    band_gather_group writes into each input's band, which are separate tensors."""
+    if address != types.int64:
+        return None
+    pointer = types.CPointer(types.int64)
+    return pointer(address), lambda context, builder, sig, args: builder.inttoptr(
+        args[0], context.get_value_type(pointer))
+
+
 BAND_BLOCK = 64  # keys per _band_bits: one uint64 of flags
 SAMPLE_BLOCK = 64  # contiguous elements per block of sample_histogram: whole vectors
 
@@ -585,18 +596,49 @@ def _band_gather(x, base, subtract, sign_cleared, nan_key, lo_key, hi_key, span,
         tile_above, _, _ = _band_keys(x, base, subtract, s, m, sign_cleared, nan_key, lo_key, hi_key, buf_bits,
                                       False, nan_key, nan_key)
         above += tile_above
-        # The tile is whole blocks (band_gather): keys past the last are set above the band.
-        buf_unsigned[m : -(-m // BAND_BLOCK) * BAND_BLOCK] = np.iinfo(buf_unsigned.dtype).max
-        for b in range(0, m, BAND_BLOCK):
-            bits = _band_bits(buf_unsigned, b, span)
-            while bits:
-                i = b + _lowest_set(bits)
-                bits &= bits - np.uint64(1)
-                if banded < keys_out.shape[0]:  # past the room, only counted: the caller drops the band
-                    keys_out[banded] = buf_bits[i] + lo_key
-                    index_out[banded] = start + s + i
-                banded += 1
+        banded = _band_tile(buf_bits, buf_unsigned, m, span, lo_key, keys_out, index_out, banded, start + s)
     return banded, above
+
+
+@numba.njit(**KERNEL)
+def _band_tile(buf_bits, buf_unsigned, m, span, lo_key, keys_out, index_out, banded, first):  # pragma: no cover
+    """A tile's keys in the band (buf_bits[:m], less lo_key, from _band_keys), with their element
+    indices from `first`, into keys_out and index_out from slot `banded`; returns `banded` plus
+    how many there were (past the slots, only counted: the caller drops the band)."""
+    # The tile is whole blocks (band_gather): keys past the last are set above the band.
+    buf_unsigned[m : -(-m // BAND_BLOCK) * BAND_BLOCK] = np.iinfo(buf_unsigned.dtype).max
+    for b in range(0, m, BAND_BLOCK):
+        bits = _band_bits(buf_unsigned, b, span)
+        while bits:
+            i = b + _lowest_set(bits)
+            bits &= bits - np.uint64(1)
+            if banded < keys_out.shape[0]:
+                keys_out[banded] = buf_bits[i] + lo_key
+                index_out[banded] = first + i
+            banded += 1
+    return banded
+
+
+@numba.njit(**KERNEL)
+def _band_gather_group(xs, slots, stride, base, sign_cleared, nan_key, lo_keys, hi_keys, spans, key_at, index_at,
+                       rooms, start, banded, above, t_base, buf_bits, buf_unsigned):  # pragma: no cover (compiled)
+    _wide_vectors()
+    # Tile by tile, the base widened once into an L1 tile, then every row's keys against it
+    # (_band_keys, _band_tile): the base is read once per chunk, not once per input.
+    n = base.shape[0]
+    for s in range(0, n, buf_bits.shape[0]):
+        m = min(s + buf_bits.shape[0], n) - s
+        bs = base[s : s + m]
+        for i in range(m):
+            t_base[i] = _widen(bs[i])
+        for g in range(slots.shape[0]):
+            at = slots[g] * stride + s
+            tile_above, _, _ = _band_keys(xs[at : at + m], t_base, True, 0, m, sign_cleared,
+                                          nan_key, lo_keys[g], hi_keys[g], buf_bits, False, nan_key, nan_key)
+            above[g] += tile_above
+            banded[g] = _band_tile(buf_bits, buf_unsigned, m, spans[g], lo_keys[g],
+                                   numba.carray(_int64s_at(key_at[g]), rooms[g]),
+                                   numba.carray(_int64s_at(index_at[g]), rooms[g]), banded[g], start + s)
 
 
 @numba.njit(**KERNEL)
@@ -700,6 +742,46 @@ def band_gather(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, lo
         *_operands(x, base, "band_gather"), sign_cleared, nan_key, ints(lo_key), ints(hi_key),
         unsigned(hi_key - lo_key), _np(keys_out), _np(index_out), start, keys, keys.view(unsigned))
     return int(banded), int(above)
+
+
+def band_gather_group(store: torch.Tensor, slots: list[int], dtype: torch.dtype, slot: int, base: torch.Tensor,
+                      delta_dtype: torch.dtype, start: int, bands: list[tuple[int, int, int]],
+                      keys_outs: list[torch.Tensor], index_outs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """band_gather for several inputs at once, each against the same base: their chunks as read
+    (`dtype`, in the uint8 `store`, row g's at slots[g] * `slot` bytes), the base as read (its
+    own dtype), the deltas in `delta_dtype` (x and base widen to it exactly). Row g's band is
+    bands[g] = (digit_shift, lo, hi) and its keys and indices go to keys_outs[g] and
+    index_outs[g] (int64, as many slots as there is room). Returns per row (how many keys are
+    in the band, more than the slots if they overflowed; how many lay above it)."""
+    n, rows = base.numel(), len(slots)
+    size = torch.empty(0, dtype=dtype).element_size()
+    if not 0 < rows == len(bands) == len(keys_outs) == len(index_outs) or slot % size or slot < n * size \
+            or min(slots) < 0 or store.numel() < (max(slots) + 1) * slot:
+        raise ValueError(f"band_gather_group: slots {slots} of {slot} bytes in {store.numel()} for {n} elements, "
+                         f"{len(bands)} bands, {len(keys_outs)} and {len(index_outs)} outputs")
+    for t in (dtype, base.dtype):
+        if t != delta_dtype and (t, delta_dtype) not in WIDENED:
+            raise ValueError(f"band_gather_group: {t} does not widen to {delta_dtype} exactly")
+    outs = [*keys_outs, *index_outs]
+    # The kernel writes through these addresses: each must be a contiguous CPU int64 tensor,
+    # and its room the slots it has (checked here: the kernel has no bounds checks).
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous() for t in outs) or any(
+            k.numel() != i.numel() for k, i in zip(keys_outs, index_outs, strict=True)):
+        raise ValueError("band_gather_group: slots for keys and indices differ, or are not contiguous int64")
+    ints, sign_cleared, nan_key = _key_constants(delta_dtype)
+    unsigned = {np.int32: np.uint32, np.int64: np.uint64}[ints]
+    lo_keys = np.array([lo << shift for shift, lo, _ in bands], dtype=ints)
+    hi_keys = np.array([((hi + 1) << shift) - 1 for shift, _, hi in bands], dtype=ints)
+    banded, above = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    keys = _tile(base, ints, BAND_BLOCK)
+    _band_gather_group(
+        source_array(store[: (max(slots) + 1) * slot].view(dtype)), np.array(slots, dtype=np.int64), slot // size,
+        source_array(base), sign_cleared, nan_key, lo_keys, hi_keys, (hi_keys - lo_keys).astype(unsigned),
+        np.array([t.data_ptr() for t in keys_outs], dtype=np.int64),
+        np.array([t.data_ptr() for t in index_outs], dtype=np.int64),
+        np.array([t.numel() for t in keys_outs], dtype=np.int64), start, banded, above,
+        np.empty(keys.size, dtype=_np(torch.empty(0, dtype=delta_dtype)).dtype), keys, keys.view(unsigned))
+    return banded, above
 
 
 def sample_histogram(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, hist: torch.Tensor,

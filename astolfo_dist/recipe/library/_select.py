@@ -222,11 +222,7 @@ class Selection:
         With `workspace`, the chunk-sized temporaries come from it (tags "select.*")."""
         if self.done:
             return
-        kd = _key_dtype((x if base is None else base).dtype)  # with base, x may be a narrower source
-        if self.dtype is None:
-            self.dtype = kd
-        elif kd != self.dtype:
-            raise TypeError(f"chunk dtype {x.dtype} differs from the earlier chunks' ({self.dtype})")
+        self._take_dtype((x if base is None else base).dtype)  # with base, x may be a narrower source
         if self.window is not None:  # index stage: only the chunk holding the cut matters
             lo, hi = max(start, self.window[0]), min(start + x.numel(), self.window[1])
             if lo >= hi:
@@ -249,7 +245,7 @@ class Selection:
 
         # Keys in int32 where they fit (half the memory traffic of int64), index keys of the tie
         # split too: sharing the magnitude stage's dtype, they share its scratch buffers.
-        key_int = torch.int64 if _PATTERNS[kd].bits > 31 else torch.int32
+        key_int = torch.int64 if _PATTERNS[self.dtype].bits > 31 else torch.int32
         fusable = self.stage == "magnitude" and not self.collect
         kernels = (cpu_kernels(x) if base is None else cpu_kernels(base, source=x)) if fusable else None
         if kernels is not None:
@@ -296,13 +292,21 @@ class Selection:
         if keys.numel():
             self._see(*torch.aminmax(keys))
 
+    def _take_dtype(self, delta_dtype: torch.dtype) -> None:
+        kd = _key_dtype(delta_dtype)
+        if self.dtype is None:
+            self.dtype = kd
+        elif kd != self.dtype:
+            raise TypeError(f"chunk dtype {delta_dtype} differs from the earlier chunks' ({self.dtype})")
+
     def _feed_histogram_fused(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int, scratch,
                               key_int: torch.dtype) -> None:
         """The magnitude histogram pass of `feed` in one pass over the chunk (_fused.digit_histogram):
         the same counts, extremes and records as the torch operations it stands for. A first
         pass whose first chunk chose a band (_open_band) counts nothing but the band
         (_fused.band_gather)."""
-        if self.band_open and x.numel() and self._open_band(fused, x, base, start):
+        if self.band_open and x.numel() and self._open_band(fused, x, base):
+            self._band_gather(fused, x, base, start)
             return
         if self.uncounted:  # the band alone counts (once it missed, nothing does: the pass is repeated)
             if self.band is not None:
@@ -319,10 +323,11 @@ class Selection:
         if count:
             self._see(torch.tensor(lo), torch.tensor(hi))
 
-    def _open_band(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int) -> bool:
+    def _open_band(self, fused, x: torch.Tensor, base: torch.Tensor | None) -> bool:
         """The first chunk this copy sees in a first pass: from the first digits of its keys,
-        the band (_choose_band); if one fits, this chunk's keys in it, and the pass counts the
-        band alone. False if none fits: the pass is a histogram pass, this chunk included.
+        the band (_choose_band); if one fits, the pass counts the band alone (this chunk's keys
+        in it are the caller's to gather). False if none fits: the pass is a histogram pass,
+        this chunk included.
         The digits are counted for a sample of the chunk (about SAMPLE keys, in blocks spread
         over it) where the band's room allows for the sample's error, else for all its keys:
         a large tensor's band is narrow (its keys within band_cap), and there the first chunk
@@ -339,7 +344,6 @@ class Selection:
         if self.band is None:
             return False
         self.uncounted = True
-        self._band_gather(fused, x, base, start)
         return True
 
     def _choose_band(self, fused, counts: torch.Tensor, sampled: int, n: int, top_digit: int) -> None:
@@ -380,12 +384,23 @@ class Selection:
     def _band_gather(self, fused, x: torch.Tensor, base: torch.Tensor | None, start: int) -> None:
         """This chunk's band keys, written by the kernel straight into the band's free room;
         then _check_band."""
-        free = (t[self.band_count :] for t in self._band_storage())
-        banded, above = fused.band_gather(x, base, self._band_shift(), *self.band, *free, start)
+        banded, above = fused.band_gather(x, base, self._band_shift(), *self.band, *self._band_free(), start)
+        self._gathered(x.numel(), banded, above)
+
+    def _band_free(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t[self.band_count :] for t in self._band_storage())  # type: ignore[return-value]
+
+    def _gathered(self, n: int, banded: int, above: int) -> None:
+        """A chunk of n elements seen by the band: `banded` keys gathered, `above` above it."""
         self.band_above += above
-        self.band_seen += x.numel()
+        self.band_seen += n
         self.band_count += banded
         self._check_band()
+
+    @property
+    def gathering(self) -> bool:
+        """Whether this pass is the first pass's band alone, chosen (gather_bands takes it)."""
+        return self.uncounted and self.band is not None
 
     def _check_band(self) -> None:
         """Drop the band, and with it the rest of the pass (`wants` says so: the pass is then
@@ -718,3 +733,35 @@ class Selection:
         held = [self.hist, self.cand_key, self.cand_index, self.band_key, self.band_index,
                 *(t for c in self.chunks for t in c[3:])]
         return sum(t.numel() * t.element_size() for t in held if t is not None) + 48 * len(self.chunks)
+
+
+def gather_bands(fused, rows: list[tuple[Selection, int]], store: torch.Tensor, dtype: torch.dtype, slot: int,
+                 base: torch.Tensor, wide_base: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
+    """`feed` of one chunk to the selections of several inputs at once, where each gathers its
+    band (`gathering`) or sees its first chunk of a first pass (`band_open`): rows are
+    (selection, the slot of its input's chunk as read in the uint8 `store`: `dtype`, `slot`
+    bytes apart). Their deltas against `base` as read, in `wide_base`'s dtype (the same base
+    in it: for choosing bands, and the histogram of a selection for which none fits), in one
+    kernel call (_fused.band_gather_group): the base is widened once, not once per input, and
+    the per-input Python of `feed` is left out (it cost more than a small chunk's kernel)."""
+    n, size = base.numel(), torch.empty(0, dtype=dtype).element_size()
+    gathering: list[tuple[Selection, int]] = []
+    for sel, k in rows:
+        if sel.band_open:
+            x = store[k * slot : k * slot + n * size].view(dtype)
+            sel._take_dtype(wide_base.dtype)
+            if not sel._open_band(fused, x, wide_base):
+                sel.feed(x, start, workspace, base=wide_base)  # a histogram pass, from this chunk on
+                continue
+        if not sel.gathering:
+            raise ValueError("gather_bands: a selection that neither gathers its band nor opens one")
+        gathering.append((sel, k))
+    if not gathering:
+        return
+    sels = [sel for sel, _ in gathering]
+    free = [sel._band_free() for sel in sels]
+    banded, above = fused.band_gather_group(store, [k for _, k in gathering], dtype, slot, base, wide_base.dtype,
+                                            start, [(sel._band_shift(), *sel.band) for sel in sels],
+                                            [k for k, _ in free], [i for _, i in free])
+    for sel, b, a in zip(sels, banded.tolist(), above.tolist(), strict=True):
+        sel._gathered(n, b, a)

@@ -32,6 +32,7 @@ magnitude patterns).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -39,8 +40,8 @@ import torch
 
 from ..stats import TopKResult
 from ..workspace import Workspace
-from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, hist_bits_for
-from .base import Method, Params, Read, State, cpu_kernels, divide_, input_weights, read_source
+from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, gather_bands, hist_bits_for
+from .base import Method, Params, Read, State, chunk_format, cpu_kernels, divide_, input_weights, read_source
 
 CONSENSUS = ("sum", "count")
 GROUP = 8  # inputs per pass of fused_election over a chunk: its sums' traffic is a 1/GROUP of one per input
@@ -230,6 +231,39 @@ class _Sides:
         self.mix.add_(base)
 
 
+def _read_into(read: Read, i: int, room: torch.Tensor) -> torch.Tensor:
+    """Input i's chunk as read (read_source), at the start of the uint8 `room` (bytes for a chunk
+    in the accumulator dtype): read there, or copied there where the reader held it already."""
+    x = read_source(read, i, into=room)
+    if x.data_ptr() != room.data_ptr():
+        x = room[: x.numel() * x.element_size()].copy_(x.view(torch.uint8)).view(x.dtype)
+    return x
+
+
+def _read_groups(read: Read, inputs: list[tuple[int, int]], store: torch.Tensor,
+                 slot: int) -> Iterator[tuple[list[int], torch.dtype, bool]]:
+    """The (key, input index) pairs' chunks as read, GROUP at a time and one dtype per group,
+    into the uint8 `store`'s slots of `slot` bytes (_read_into): yields each group's keys,
+    dtype and whether it is the last, once its chunks lie in slots 0, 1, ... (valid until the
+    next step)."""
+    members: list[int] = []
+    dtype = torch.float32
+    for key, i in inputs:
+        if len(members) == GROUP:
+            yield members, dtype, False
+            members = []
+        k = len(members)
+        x = _read_into(read, i, store[k * slot : (k + 1) * slot])
+        if members and x.dtype != dtype:  # a group holds one dtype: this input starts the next
+            yield members, dtype, False
+            members = []
+            store[: x.numel() * x.element_size()].copy_(store[k * slot : k * slot + x.numel() * x.element_size()])
+        dtype = x.dtype
+        members.append(key)
+    if members:
+        yield members, dtype, True
+
+
 def _ordered_sum(values: tuple[float, ...]) -> float:
     """Left-to-right float64 sum (the order a per-element divisor would be summed in)."""
     total = 0.0
@@ -289,6 +323,9 @@ class SelectingMethod(TaskVectorMethod):
         skips = {sel.skip_length(start) for sel in pending}
         if pending and None not in skips and len(skips) == 1:
             return skips.pop()  # tie splits that all look at other chunks: nothing read
+        banded = self._observe_bands(state, start, read)
+        if banded is not None:
+            return banded
         ws = self.workspace
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
@@ -304,6 +341,42 @@ class SelectingMethod(TaskVectorMethod):
             torch.sub(read(i), base, out=delta)  # once for all of this input's selections
             for sel in sels:
                 sel.feed(delta, start, ws)
+        return n
+
+    def _observe_bands(self, state: SelectionState, start: int, read: Read) -> int | None:
+        """A first pass's chunk where every input that wants it has one selection, which gathers
+        its band or chooses it from this chunk: all inputs at once, as read, GROUP per kernel
+        call (_select.gather_bands), the base as read too (widened into a chunk of its own
+        only where a band is chosen). Where the reader does not say the chunk's format before
+        reading, or not on the CPU: None (_observe feeds each input)."""
+        fmt = chunk_format(read)
+        if fmt is None:
+            return None
+        n, dtype, device = fmt
+        ws = self.workspace
+        base_room = ws.buffer("taskvec.base", dtype, n, device)  # as bytes: the base as read
+        fused = cpu_kernels(base_room)
+        if fused is None:
+            return None
+        inputs: list[tuple[int, int]] = []
+        for j, i in enumerate(self.others(state.n_inputs)):
+            sels = state.selections[j]
+            if not any(sel.wants(start, n) for sel in sels):
+                continue  # done, or its band missed: this pass reads it no further
+            if len(sels) != 1 or not (sels[0].gathering or sels[0].band_open):
+                return None
+            inputs.append((j, i))
+        if not inputs:
+            return n  # nothing read, the base included
+        slot = n * base_room.element_size()
+        base = _read_into(read, self.base, base_room.view(torch.uint8))
+        wide = ws.buffer("taskvec.delta", dtype, n, device)  # unused on this path but for the base widened
+        if any(state.selections[j][0].band_open for j, _ in inputs):
+            wide.copy_(base)
+        store = ws.buffer("taskvec.group", dtype, GROUP * n, device).view(torch.uint8)  # as fused_election's
+        for members, group_dtype, _ in _read_groups(read, inputs, store, slot):
+            gather_bands(fused, [(state.selections[j][0], k) for k, j in enumerate(members)], store, group_dtype,
+                         slot, base, wide, start, ws)
         return n
 
     def _end_pass(self, state: SelectionState) -> None:
@@ -340,30 +413,12 @@ class SelectingMethod(TaskVectorMethod):
         n = base.numel()
         slot = n * base.element_size()  # bytes per input: room for any dtype that widens to base's
         store = self.workspace.buffer("taskvec.group", base.dtype, GROUP * n, base.device).view(torch.uint8)
-        members: list[int] = []
-        dtype = base.dtype
-
-        def flush(last: bool) -> None:
+        for members, dtype, last in _read_groups(read, list(enumerate(self.others(state.n_inputs))), store, slot):
             sides.fused.topk_sides_group(store, len(members), dtype, slot, base, start, [results[j] for j in members],
                                          [weights[j] for j in members], sides.score, sides.mix, sides.neg,
                                          sides.count, sides.weights, first=not sides.started,
                                          lambda_=lambda_ if last else None)
             sides.started = True
-            members.clear()
-
-        for j, i in enumerate(self.others(state.n_inputs)):
-            if len(members) == GROUP:
-                flush(last=False)
-            k = len(members)
-            x = read_source(read, i, into=store[k * slot : (k + 1) * slot])  # read into its slot
-            if members and x.dtype != dtype:  # a group holds one dtype: this input starts the next
-                flush(last=False)
-                k = 0
-            if x.data_ptr() != store[k * slot :].data_ptr():  # held by the reader, or moved to a new group
-                store[k * slot : k * slot + x.numel() * x.element_size()].copy_(x.view(torch.uint8))
-            dtype = x.dtype
-            members.append(j)
-        flush(last=True)
         return True
 
     def fused_delta(self, state: SelectionState, j: int, i: int, start: int, x: torch.Tensor, base: torch.Tensor,

@@ -75,7 +75,13 @@ from ..workspace import Workspace
 
 Read = Callable[[int], torch.Tensor]
 """read(i) -> chunk of input i, accumulator dtype, valid until the next call. A reader may
-also offer read.source(i): see read_source."""
+also offer read.source(i) (see read_source) and read.format (see chunk_format)."""
+
+
+def chunk_format(read: Read) -> tuple[int, torch.dtype, torch.device] | None:
+    """The chunk's length, accumulator dtype and device, known before anything is read, where
+    the reader offers them (the worker's does: read.format); else None."""
+    return getattr(read, "format", None)
 
 
 def read_source(read: Read, i: int, into: torch.Tensor | None = None) -> torch.Tensor:
