@@ -468,6 +468,8 @@ def _kernels(n: int) -> dict:
     slots = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     mix, pos_w, neg_w = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     group = torch.cat([x16.roll(17 * i) for i in range(7)]).view(torch.uint8)  # seven chunks as read, fused_election's
+    z16 = z.half()
+    bands = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     # The election's sums as finish sees them (fresh: the sums above grow with every timed call).
     sums = [torch.randn(n, generator=gen) for _ in range(3)] + [torch.rand(n, generator=gen) for _ in range(2)]
     return {
@@ -492,6 +494,13 @@ def _kernels(n: int) -> dict:
         "(_fused.topk_sides_group)":
             lambda: _fused.topk_sides_group(group, 7, torch.float16, 2 * n, z, 0, [settled.result] * 7, [1.0] * 7,
                                             score, mix, neg, False, (pos_w, neg_w), first=True, lambda_=1.0),
+        "ties, per chunk of 7 inputs, in output: the same with the base as read (fp16)":
+            lambda: _fused.topk_sides_group(group, 7, torch.float16, 2 * n, z16, 0, [settled.result] * 7, [1.0] * 7,
+                                            score, mix, neg, False, (pos_w, neg_w), first=True, lambda_=1.0),
+        "ties, per chunk of 7 inputs, first pass: as read (fp16), the base too, 3-digit bands "
+        "(_fused.band_gather_group)":
+            lambda: _fused.band_gather_group(group, list(range(7)), torch.float16, 2 * n, z16, torch.float32, 0,
+                                             [(15, digit - 1, digit + 1)] * 7, [bands[0]] * 7, [bands[1]] * 7),
         "ties, per chunk, in output: election pick, lambda, + base (_fused.sides_finish, and a copy_)":
             lambda: _fused.sides_finish(sums[0], sums[1].copy_(x), sums[2], (sums[3], sums[4]), 0.3, z),
         "ties, per input, in output: Selection.mask (the GPU's path)": lambda: settled.mask(x, 0),

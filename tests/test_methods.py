@@ -736,7 +736,8 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
     cut inside it): against TopKResult.mask's rule in torch (by index), then sides_add and
     sides_finish, bit for bit, for thresholds among heavily tied keys (float16 deltas), cuts
     anywhere in and around the chunk (tile edges too), rows that keep nothing or everything,
-    with and without normalize's weight sums, in one group or two."""
+    with and without normalize's weight sums, in one group or two, the base as read (float16)
+    or in float32."""
     from types import SimpleNamespace
 
     from astolfo_dist.recipe.library import _fused
@@ -762,13 +763,14 @@ def test_group_output_keeps_what_the_index_compare_keeps(n, start, rows, seed, d
                                            n_equal_to_keep=0, cut_index=0))
         weights.append(data.draw(st.sampled_from([1.0, 0.5, -2.0])))
     weighted, split = data.draw(st.booleans()), data.draw(st.integers(0, rows - 1))
+    given_base = base.half() if data.draw(st.booleans()) else base
     store = torch.cat([x.view(torch.uint8) for x in xs])
     sums = [torch.empty(n) for _ in range(5)]
     sides = (sums[3], sums[4]) if weighted else None
     if split:  # two groups: the first's sums written out, the second's read back
-        _fused.topk_sides_group(store, split, torch.float16, 2 * n, base, start, results[:split], weights[:split],
+        _fused.topk_sides_group(store, split, torch.float16, 2 * n, given_base, start, results[:split], weights[:split],
                                 *sums[:3], False, sides, first=True, lambda_=None)
-    _fused.topk_sides_group(store[split * 2 * n :], rows - split, torch.float16, 2 * n, base, start,
+    _fused.topk_sides_group(store[split * 2 * n :], rows - split, torch.float16, 2 * n, given_base, start,
                             results[split:], weights[split:], *sums[:3], False, sides, first=not split,
                             lambda_=0.7)
     ref = [torch.empty(n) for _ in range(5)]

@@ -390,8 +390,8 @@ def _sides_finish(score, mix, neg, pos_w, neg_w, weighted, lambda_, base):  # pr
 
 @numba.njit(**KERNEL)
 def _topk_sides_group(xs, rows, stride, base, start, cuts, least_before, least_after, sign_cleared, nan_key, scaled,
-                      ws, score, mix, neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_score, t_mix, t_neg,
-                      t_pw, t_nw):  # pragma: no cover (compiled)
+                      ws, score, mix, neg, count, pos_w, neg_w, weighted, first, last, lambda_, t_base, t_score, t_mix,
+                      t_neg, t_pw, t_nw):  # pragma: no cover (compiled)
     _wide_vectors()
     # Tile by tile, every input of the group in turn, the sums in L1-sized tiles: the chunk-sized
     # sums are read and written once per group, not once per input (with all inputs in one
@@ -413,7 +413,9 @@ def _topk_sides_group(xs, rows, stride, base, start, cuts, least_before, least_a
         for g in range(rows):
             if s < cuts[g] - start < s + m:
                 m = cuts[g] - start - s
-        bs = base[s : s + m]
+        bs, read_base = t_base[:m], base[s : s + m]  # the base as read, widened once per tile
+        for i in range(m):
+            bs[i] = _widen(read_base[i])
         if first:  # the sums start at +0, as the torch path's
             t_score[:m] = zero
             t_mix[:m] = zero
@@ -455,7 +457,7 @@ def _topk_sides_group(xs, rows, stride, base, start, cuts, least_before, least_a
         s += m
 
 
-GROUP_TILE = 1024  # elements per tile of topk_sides_group: its five tiles (20 KiB in float32) stay in L1
+GROUP_TILE = 1024  # elements per tile of topk_sides_group: its six tiles (24 KiB in float32) stay in L1
 
 
 def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: int, base: torch.Tensor, start: int,
@@ -464,7 +466,8 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
                      lambda_: float | None) -> None:
     """For each of `rows` inputs' chunks as read (`dtype`, one per `slot` bytes of the uint8
     `store`, in input order; results and weights one per row): topk_delta, times w (unless w
-    is 1), then sides_add, in one pass over the chunk: the same sums, bit for bit.
+    is 1), then sides_add, in one pass over the chunk: the same sums, bit for bit. The base
+    as read, or in the sums' dtype.
     With `lambda_`, this group is the last, and sides_finish follows in the same pass (mix
     becomes the output; score, neg and the weight sums are not written)."""
     n = mix.numel()
@@ -475,19 +478,19 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     xs = store[: rows * slot].view(dtype)
     pos_w, neg_w = _weight_sums(pos_neg_weights, mix)
     _same_size("topk_sides_group", base, score, mix, neg, pos_w, neg_w)
-    if not takes_source(xs, base):
-        raise ValueError(f"topk_sides_group: {dtype} rows for a {base.dtype} pass")
+    if not (takes_source(xs, mix) and takes_source(base, mix)):
+        raise ValueError(f"topk_sides_group: {dtype} rows and a {base.dtype} base for a {mix.dtype} pass")
     ints, sign_cleared, nan_key = _key_constants(mix.dtype)
     least = [_least_keys(r, nan_key) for r in results]
     scalar = _np(mix).dtype.type
     _topk_sides_group(
-        source_array(xs), rows, slot // size, _np(base), start,
+        source_array(xs), rows, slot // size, source_array(base), start,
         np.array([_cut(r) for r in results], dtype=np.int64),
         np.array([b for b, _ in least], dtype=ints), np.array([a for _, a in least], dtype=ints), sign_cleared, nan_key,
         np.array([w != 1.0 for w in weights]), np.array(weights, dtype=_np(mix).dtype), _np(score), _np(mix), _np(neg),
         count, _np(pos_w), _np(neg_w), pos_neg_weights is not None, first, lambda_ is not None,
         scalar(1.0 if lambda_ is None else lambda_),
-        *(np.empty(min(GROUP_TILE, max(1, mix.numel())), dtype=_np(mix).dtype) for _ in range(5)))
+        *(np.empty(min(GROUP_TILE, max(1, mix.numel())), dtype=_np(mix).dtype) for _ in range(6)))
 
 
 def sides_finish(score: torch.Tensor, mix: torch.Tensor, neg: torch.Tensor,

@@ -120,23 +120,23 @@ class TaskVectorMethod(Method):
         False: none here, use the default."""
         return False
 
-    def fused_election(self, state: State, start: int, read: Read, base: torch.Tensor, sides: _Sides,
-                       weights: tuple[float, ...], lambda_: float) -> bool:
-        """Optional fast path for the whole sweep with sign election: every input's
-        sides.add(w * sparsify(x - base), w), then sides.finish(lambda_, base), bit for bit.
-        False (nothing read): none here."""
+    def fused_election(self, state: State, start: int, read: Read, sides: _Sides, weights: tuple[float, ...],
+                       lambda_: float) -> bool:
+        """Optional fast path for the whole sweep with sign election, the base read by it: every
+        input's sides.add(w * sparsify(x - base), w), then sides.finish(lambda_, base), bit for
+        bit. False (nothing read): none here."""
         return False
 
     def output(self, state: State, start: int, read: Read, out: torch.Tensor) -> None:
         p: TaskVectorParams = self.params
         ws = self.workspace
         weights = input_weights(self.name, p.weights, state.n_inputs - 1)
+        sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
+        if sides is not None and self.fused_election(state, start, read, sides, weights, p.lambda_):
+            return
         # The base as read, converted once into its buffer (read(), then a copy, converted twice).
         base = ws.like("taskvec.base", out).copy_(read_source(read, self.base))
         delta = ws.like("taskvec.delta", base)
-        sides = _Sides(ws, out, p.consensus, p.normalized) if p.sign_election else None
-        if sides is not None and self.fused_election(state, start, read, base, sides, weights, p.lambda_):
-            return
         mix = out if sides is not None else out.zero_()  # _Sides starts its sums itself
         for j, i in enumerate(self.others(state.n_inputs)):  # one sweep: each input read and sparsified once
             x = read_source(read, i) if self.takes_source(state, j, base) else read(i)
@@ -390,29 +390,33 @@ class SelectingMethod(TaskVectorMethod):
             for x, y in zip(sa, sb, strict=True):
                 x.merge(y)
 
-    def _single_selection(self, state: SelectionState, j: int, base: torch.Tensor) -> TopKResult | None:
-        """Input j's one selection, where its result alone is the keep mask (TIES), else None."""
+    def _single_selection(self, state: SelectionState, j: int, dtype: torch.dtype) -> TopKResult | None:
+        """Input j's one selection, where its result alone is the keep mask (TIES) of deltas in
+        `dtype`, else None."""
         sels = state.selections[j]
         overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
-        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, base.dtype):
+        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, dtype):
             return None
         return sels[0].result
 
     def takes_source(self, state: SelectionState, j: int, base: torch.Tensor) -> bool:
-        return self._single_selection(state, j, base) is not None and cpu_kernels(base) is not None
+        return self._single_selection(state, j, base.dtype) is not None and cpu_kernels(base) is not None
 
-    def fused_election(self, state: SelectionState, start: int, read: Read, base: torch.Tensor, sides: _Sides,
+    def fused_election(self, state: SelectionState, start: int, read: Read, sides: _Sides,
                        weights: tuple[float, ...], lambda_: float) -> bool:
         """On the CPU, with one selection per input (TIES): GROUP inputs at a time, as read,
         into one buffer, then subtract, mask, weigh and sum them in one pass over the chunk
         whose sums stay in the cache (_fused.topk_sides_group); the last group also picks the
-        elected side. Where the inputs' dtypes differ, a group ends at each change."""
-        results = [self._single_selection(state, j, base) for j in range(state.n_inputs - 1)]
+        elected side. Where the inputs' dtypes differ, a group ends at each change. The base
+        as read too: the kernel widens it tile by tile (no float32 copy of it)."""
+        out = sides.mix
+        results = [self._single_selection(state, j, out.dtype) for j in range(state.n_inputs - 1)]
         if sides.fused is None or None in results:
             return False
-        n = base.numel()
-        slot = n * base.element_size()  # bytes per input: room for any dtype that widens to base's
-        store = self.workspace.buffer("taskvec.group", base.dtype, GROUP * n, base.device).view(torch.uint8)
+        n, ws = out.numel(), self.workspace
+        base = _read_into(read, self.base, ws.like("taskvec.base", out).view(torch.uint8))
+        slot = n * out.element_size()  # bytes per input: room for any dtype that widens to out's
+        store = ws.buffer("taskvec.group", out.dtype, GROUP * n, out.device).view(torch.uint8)
         for members, dtype, last in _read_groups(read, list(enumerate(self.others(state.n_inputs))), store, slot):
             sides.fused.topk_sides_group(store, len(members), dtype, slot, base, start, [results[j] for j in members],
                                          [weights[j] for j in members], sides.score, sides.mix, sides.neg,
@@ -425,7 +429,7 @@ class SelectingMethod(TaskVectorMethod):
                     out: torch.Tensor, accumulate: bool) -> bool:
         """On the CPU, with one selection per input (TIES): subtract, mask and drop (and add) in
         one pass (_fused.topk_delta). Otherwise the default."""
-        result = self._single_selection(state, j, base)
+        result = self._single_selection(state, j, base.dtype)
         kernels = None if result is None else cpu_kernels(out, base, source=x)
         if kernels is None:
             return False
