@@ -572,14 +572,15 @@ def test_band_gather_takes_every_key_of_the_band_edges_included(n, shift, every,
 @settings(max_examples=40, deadline=None, database=None)
 @given(n=st.integers(1, 5000), slots=st.lists(st.integers(0, 4), min_size=1, max_size=4, unique=True),
        source=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), base_as_read=st.booleans(),
-       double=st.booleans(), room=st.integers(0, 300), seed=st.integers(0, 2**16))
-def test_band_gather_group_gathers_what_band_gather_does_per_row(n, slots, source, base_as_read, double, room,
+       double=st.booleans(), rooms=st.lists(st.integers(0, 300), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_band_gather_group_gathers_what_band_gather_does_per_row(n, slots, source, base_as_read, double, rooms,
                                                                   seed):
     """_fused.band_gather_group: several rows as read (float16, bfloat16 or float32, at any
     slots of the store), each with a band of its own, against one base as read or already
     widened, float32 or float64 deltas: per row the keys, indices and counts band_gather finds
     with the base widened first, and where a row's room is smaller than its band, its first
-    keys in the room and the count of all of them."""
+    keys in the room and the count of all of them. Each room is a slice of a larger buffer
+    (as a band's free part is): nothing before or after it is written."""
     from astolfo_dist.recipe.library import _fused
 
     gen = torch.Generator().manual_seed(seed)
@@ -589,7 +590,8 @@ def test_band_gather_group_gathers_what_band_gather_does_per_row(n, slots, sourc
     wide_base = (torch.randn(n, generator=gen) * 0.01).to(source).to(delta)
     base = wide_base.to(source) if base_as_read else wide_base
     rows, bands, outs, expected = [], [], [], []
-    for k in slots:
+    guarded = [torch.full((rooms[g // 2] + 20,), -5, dtype=torch.int64) for g in range(2 * len(slots))]
+    for g, k in enumerate(slots):
         x = (torch.randn(n, generator=gen) * 0.5).to(source)
         x[torch.randperm(n, generator=gen)[: n // 50]] = math.nan
         store[k * slot : k * slot + n * x.element_size()].copy_(x.view(torch.uint8))
@@ -602,15 +604,17 @@ def test_band_gather_group_gathers_what_band_gather_does_per_row(n, slots, sourc
         expected.append((_fused.band_gather(x, wide_base, *band, *full, 11), [t.clone() for t in full]))
         rows.append(x)
         bands.append(band)
-        outs.append([torch.full((room,), -5, dtype=torch.int64) for _ in range(2)])
+        outs.append([guarded[2 * g + h][10 : 10 + rooms[g]] for h in range(2)])
     banded, above = _fused.band_gather_group(store, slots, source, slot, base, delta, 11, bands,
                                              [k for k, _ in outs], [i for _, i in outs])
     for g, (((want_banded, want_above), (keys, index)), (got_keys, got_index)) in enumerate(
             zip(expected, outs, strict=True)):
         assert (banded[g], above[g]) == (want_banded, want_above), g
-        kept = min(room, want_banded)
+        kept = min(rooms[g], want_banded)
         assert torch.equal(got_keys[:kept], keys[:kept]) and torch.equal(got_index[:kept], index[:kept]), g
-        assert bool((got_keys[kept:] == -5).all() and (got_index[kept:] == -5).all()), g  # nothing past the room
+        assert bool((got_keys[kept:] == -5).all() and (got_index[kept:] == -5).all()), g
+    for g, buffer in enumerate(guarded):  # nothing before or past any room
+        assert bool((buffer[:10] == -5).all() and (buffer[10 + rooms[g // 2] :] == -5).all()), g
     assert all(want > 0 for (want, _), _ in expected)  # every band holds keys
 
 
@@ -648,34 +652,47 @@ def test_ties_reads_inputs_as_they_are_with_the_same_bits(source, accumulator):
                 assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk, split)
 
 
-def test_ties_grouped_first_pass_feeds_a_histogram_where_no_band_fits(monkeypatch):
-    """The CPU's statistic pass takes all inputs of a chunk at once (_select.gather_bands).
-    Where an input's first chunk admits no band (its deltas mostly zero: one digit holds more
-    keys than the band's room) and the others' do, that input counts a histogram and the
-    others gather their bands at their slots: the same passes and bits as feeding each input
-    alone (a reader without read.format)."""
-    from astolfo_dist.recipe.library import _select, _taskvec
+@pytest.mark.parametrize("band_cap", [300, 420, 900])
+def test_ties_grouped_statistic_pass_feeds_alone_an_input_without_a_band(band_cap, monkeypatch):
+    """The CPU's statistic pass takes all inputs of a chunk at once (_select.feed_group). Where
+    an input's first chunk admits no band (its deltas mostly zero: one digit holds more keys
+    than the band's room), it is fed its histogram on its own while the others gather their
+    bands in one kernel call, at their slots; with small rooms, bands also overflow or miss
+    along the way and their inputs drop out of the calls. The same passes and bits as feeding
+    each input alone (a reader without read.format), whose run calls no grouped kernel."""
+    from astolfo_dist.recipe.library import _fused, _select, _taskvec
 
-    monkeypatch.setattr(_taskvec, "band_cap_for", lambda selections: 420)  # a room of ~50 keys per first chunk
-    opened = []
+    monkeypatch.setattr(_taskvec, "band_cap_for", lambda selections: band_cap)  # ~50 keys per first chunk at 420
+    opened, calls = [], []
     choose = _select.Selection._open_band
     monkeypatch.setattr(_select.Selection, "_open_band",
                         lambda self, *a: (opened.append(choose(self, *a)), opened[-1])[1])
+    kernel = _fused.band_gather_group
+    monkeypatch.setattr(_fused, "band_gather_group", lambda store, slots, *a: (calls.append(slots),
+                                                                               kernel(store, slots, *a))[1])
     originals = inputs_as_read(torch.float16, seed=43)
     mostly_zero = torch.rand(originals[2].numel(), generator=torch.Generator().manual_seed(5)) < 0.85
-    originals[2][mostly_zero] = originals[0][mostly_zero]
+    originals[2][mostly_zero] = originals[0][mostly_zero]  # input 2: slot 1 (the second of the non-base inputs)
     xs = [x.float() for x in originals]
     method = build("ties", {"density": 0.3}, base=0)
+    every_call = []
     for chunk in (1000, 4200):
         opened.clear()
+        calls.clear()
         alone, passes = run(method, xs, chunk)
         chosen = opened.copy()
-        assert True in chosen and False in chosen, chosen
+        assert False in chosen and not calls, chosen
         opened.clear()
         grouped, passes_grouped = run(method, xs, chunk, sources=originals)
         assert opened == chosen and passes == passes_grouped
+        assert bool(calls) == (True in chosen) and all(1 not in slots for slots in calls), calls  # input 2: alone
         assert torch.equal(alone.isnan(), grouped.isnan()) and bits_equal(alone.nan_to_num(0.5),
                                                                           grouped.nan_to_num(0.5)), chunk
+        every_call += calls
+    if band_cap >= 420:  # at the whole tensor's chunk, the other four inputs' bands fit: gathered at their slots
+        assert [0, 2, 3, 4] in every_call, every_call
+    if band_cap == 420:  # at chunk 1000, bands that overflow or miss along the pass leave the calls
+        assert any(len(slots) == 1 for slots in every_call), every_call
 
 
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16])

@@ -218,6 +218,12 @@ def source_array(x: torch.Tensor) -> np.ndarray:
     return _np(x)
 
 
+def _bytes_store(what: str, store: torch.Tensor) -> None:
+    """The grouped kernels' rows lie in a contiguous CPU uint8 buffer: refuse any other."""
+    if store.dtype != torch.uint8 or store.device.type != "cpu" or not store.is_contiguous():
+        raise ValueError(f"{what}: the store is {store.dtype} on {store.device}, not contiguous CPU bytes")
+
+
 def _same_size(what: str, *tensors: torch.Tensor) -> None:
     """The kernels index without bounds checks: refuse mismatched buffers up front."""
     if len({t.numel() for t in tensors}) > 1:
@@ -472,6 +478,7 @@ def topk_sides_group(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: i
     becomes the output; score, neg and the weight sums are not written)."""
     n = mix.numel()
     size = torch.empty(0, dtype=dtype).element_size()
+    _bytes_store("topk_sides_group", store)
     if not 0 < rows == len(results) == len(weights) or slot % size or slot < n * size or store.numel() < rows * slot:
         raise ValueError(f"topk_sides_group: {rows} rows of {slot} bytes in {store.numel()} for {n} elements, "
                          f"{len(results)} results, {len(weights)} weights")
@@ -758,8 +765,10 @@ def band_gather_group(store: torch.Tensor, slots: list[int], dtype: torch.dtype,
     in the band, more than the slots if they overflowed; how many lay above it)."""
     n, rows = base.numel(), len(slots)
     size = torch.empty(0, dtype=dtype).element_size()
+    _bytes_store("band_gather_group", store)
     if not 0 < rows == len(bands) == len(keys_outs) == len(index_outs) or slot % size or slot < n * size \
-            or min(slots) < 0 or store.numel() < (max(slots) + 1) * slot:
+            or min(slots) < 0 or store.numel() < (max(slots) + 1) * slot or base.device.type != "cpu" \
+            or not base.is_contiguous():
         raise ValueError(f"band_gather_group: slots {slots} of {slot} bytes in {store.numel()} for {n} elements, "
                          f"{len(bands)} bands, {len(keys_outs)} and {len(index_outs)} outputs")
     for t in (dtype, base.dtype):

@@ -399,7 +399,7 @@ class Selection:
 
     @property
     def gathering(self) -> bool:
-        """Whether this pass is the first pass's band alone, chosen (gather_bands takes it)."""
+        """Whether this pass is the first pass's band alone, chosen (feed_group gathers it with others)."""
         return self.uncounted and self.band is not None
 
     def _check_band(self) -> None:
@@ -735,32 +735,39 @@ class Selection:
         return sum(t.numel() * t.element_size() for t in held if t is not None) + 48 * len(self.chunks)
 
 
-def gather_bands(fused, rows: list[tuple[Selection, int]], store: torch.Tensor, dtype: torch.dtype, slot: int,
-                 base: torch.Tensor, wide_base: torch.Tensor, start: int, workspace: Workspace | None = None) -> None:
-    """`feed` of one chunk to the selections of several inputs at once, where each gathers its
-    band (`gathering`) or sees its first chunk of a first pass (`band_open`): rows are
-    (selection, the slot of its input's chunk as read in the uint8 `store`: `dtype`, `slot`
-    bytes apart). Their deltas against `base` as read, in `wide_base`'s dtype (the same base
-    in it: for choosing bands, and the histogram of a selection for which none fits), in one
-    kernel call (_fused.band_gather_group): the base is widened once, not once per input, and
-    the per-input Python of `feed` is left out (it cost more than a small chunk's kernel)."""
+def feed_group(fused, rows: list[tuple[Selection, int]], store: torch.Tensor, dtype: torch.dtype, slot: int,
+               base: torch.Tensor, delta_dtype: torch.dtype, wide_base: torch.Tensor | None, start: int,
+               workspace: Workspace | None = None) -> None:
+    """`Selection.feed` of one chunk to the selections of several inputs at once, one per input:
+    rows are (selection, the slot of its input's chunk as read in the uint8 `store`: `dtype`,
+    `slot` bytes apart), their deltas against `base` as read, in `delta_dtype`. Selections
+    that gather their band (`gathering`, or `band_open` and choosing one from this chunk)
+    take one kernel call for all (_fused.band_gather_group): the base is widened once per
+    tile, not copied to float32 and read again per input, and the per-input Python of `feed`
+    is left out (it cost more than a small chunk's kernel). The others (no band fits, a
+    histogram or tie-split pass) are fed one by one against `wide_base`, the same base in
+    `delta_dtype`, which must be given where any such row or a `band_open` one is."""
     n, size = base.numel(), torch.empty(0, dtype=dtype).element_size()
     gathering: list[tuple[Selection, int]] = []
     for sel, k in rows:
-        if sel.band_open:
-            x = store[k * slot : k * slot + n * size].view(dtype)
-            sel._take_dtype(wide_base.dtype)
-            if not sel._open_band(fused, x, wide_base):
-                sel.feed(x, start, workspace, base=wide_base)  # a histogram pass, from this chunk on
-                continue
         if not sel.gathering:
-            raise ValueError("gather_bands: a selection that neither gathers its band nor opens one")
+            if wide_base is None:
+                raise ValueError("feed_group: a selection that does not gather its band needs the widened base")
+            x = store[k * slot : k * slot + n * size].view(dtype)
+            if not sel.band_open:
+                sel.feed(x, start, workspace, base=wide_base)
+                continue
+            sel._take_dtype(delta_dtype)
+            if not sel._open_band(fused, x, wide_base):
+                sel.feed(x, start, workspace, base=wide_base)  # no band fits: a histogram pass, this chunk on
+                continue
+        sel._take_dtype(delta_dtype)
         gathering.append((sel, k))
     if not gathering:
         return
     sels = [sel for sel, _ in gathering]
     free = [sel._band_free() for sel in sels]
-    banded, above = fused.band_gather_group(store, [k for _, k in gathering], dtype, slot, base, wide_base.dtype,
+    banded, above = fused.band_gather_group(store, [k for _, k in gathering], dtype, slot, base, delta_dtype,
                                             start, [(sel._band_shift(), *sel.band) for sel in sels],
                                             [k for k, _ in free], [i for _, i in free])
     for sel, b, a in zip(sels, banded.tolist(), above.tolist(), strict=True):

@@ -40,7 +40,7 @@ import torch
 
 from ..stats import TopKResult
 from ..workspace import Workspace
-from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, gather_bands, hist_bits_for
+from ._select import MAX_PASSES, STATE_BUDGET, Selection, band_cap_for, chunk_keys_cap, feed_group, hist_bits_for
 from .base import Method, Params, Read, State, chunk_format, cpu_kernels, divide_, input_weights, read_source
 
 CONSENSUS = ("sum", "count")
@@ -323,9 +323,9 @@ class SelectingMethod(TaskVectorMethod):
         skips = {sel.skip_length(start) for sel in pending}
         if pending and None not in skips and len(skips) == 1:
             return skips.pop()  # tie splits that all look at other chunks: nothing read
-        banded = self._observe_bands(state, start, read)
-        if banded is not None:
-            return banded
+        seen = self._observe_grouped(state, start, read)
+        if seen is not None:
+            return seen
         ws = self.workspace
         x = read(self.base)
         base = ws.like("taskvec.base", x).copy_(x)
@@ -343,12 +343,13 @@ class SelectingMethod(TaskVectorMethod):
                 sel.feed(delta, start, ws)
         return n
 
-    def _observe_bands(self, state: SelectionState, start: int, read: Read) -> int | None:
-        """A first pass's chunk where every input that wants it has one selection, which gathers
-        its band or chooses it from this chunk: all inputs at once, as read, GROUP per kernel
-        call (_select.gather_bands), the base as read too (widened into a chunk of its own
-        only where a band is chosen). Where the reader does not say the chunk's format before
-        reading, or not on the CPU: None (_observe feeds each input)."""
+    def _observe_grouped(self, state: SelectionState, start: int, read: Read) -> int | None:
+        """A statistic pass's chunk where every input that wants it has one selection (TIES):
+        all inputs at once, as read, GROUP per kernel call where they gather their bands
+        (_select.feed_group), the base as read too (widened into a chunk of its own only where
+        some selection is fed on its own). A chunk that no input wants reads nothing, not even
+        the base. None where the reader does not say the chunk's format before reading, or not
+        on the CPU, or an input has several selections (breadcrumbs): _observe feeds each input."""
         fmt = chunk_format(read)
         if fmt is None:
             return None
@@ -361,22 +362,21 @@ class SelectingMethod(TaskVectorMethod):
         inputs: list[tuple[int, int]] = []
         for j, i in enumerate(self.others(state.n_inputs)):
             sels = state.selections[j]
-            if not any(sel.wants(start, n) for sel in sels):
-                continue  # done, or its band missed: this pass reads it no further
-            if len(sels) != 1 or not (sels[0].gathering or sels[0].band_open):
+            if len(sels) != 1:
                 return None
-            inputs.append((j, i))
+            if sels[0].wants(start, n):  # else done, or its band missed: this pass reads it no further
+                inputs.append((j, i))
         if not inputs:
-            return n  # nothing read, the base included
+            return n
         slot = n * base_room.element_size()
         base = _read_into(read, self.base, base_room.view(torch.uint8))
-        wide = ws.buffer("taskvec.delta", dtype, n, device)  # unused on this path but for the base widened
-        if any(state.selections[j][0].band_open for j, _ in inputs):
-            wide.copy_(base)
+        wide = None  # the base in the accumulator dtype, in the delta's buffer (this path has no delta)
+        if not all(state.selections[j][0].gathering for j, _ in inputs):
+            wide = ws.buffer("taskvec.delta", dtype, n, device).copy_(base)
         store = ws.buffer("taskvec.group", dtype, GROUP * n, device).view(torch.uint8)  # as fused_election's
         for members, group_dtype, _ in _read_groups(read, inputs, store, slot):
-            gather_bands(fused, [(state.selections[j][0], k) for k, j in enumerate(members)], store, group_dtype,
-                         slot, base, wide, start, ws)
+            feed_group(fused, [(state.selections[j][0], k) for k, j in enumerate(members)], store, group_dtype, slot,
+                       base, dtype, wide, start, ws)
         return n
 
     def _end_pass(self, state: SelectionState) -> None:
