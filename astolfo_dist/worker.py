@@ -293,6 +293,26 @@ class _TensorGraph:
             return self._value(v, start, n)
         return self._stored(v, start, n, into)
 
+    def _rows(self, vs: list[int], start: int, n: int, store: torch.Tensor, slot: int) -> list[torch.dtype] | None:
+        """Sources vs' chunks in their own dtypes, read from their files into the uint8 store's rows
+        of `slot` bytes (base.read_rows): the per-input Python of _source left out. None (nothing
+        read) for a node's value, a cached tensor, a dtype the CPU kernels do not widen, or a GPU."""
+        if self.kept is not None or self.leaf.device.type != "cpu" or any(v >= self.n_sources for v in vs):
+            return None
+        sources = [self.tensor.sources[v] for v in vs]
+        dtypes = [DTYPES[src.dtype] for src in sources]
+        if any(dt.torch_dtype != self.leaf.dtype and (dt.torch_dtype, self.leaf.dtype) not in WIDENED
+               or n * dt.itemsize > slot for dt in dtypes) or len(vs) * slot > store.numel():
+            return None
+        if self.ctx.cancel.is_set():
+            raise MergeCancelled("merge cancelled")
+        room = memoryview(store.numpy())
+        for r, (src, dt) in enumerate(zip(sources, dtypes, strict=True)):
+            nbytes = n * dt.itemsize
+            self.ctx.readers[src.file].read_into(src.offset + start * dt.itemsize, room[r * slot : r * slot + nbytes])
+            self.read_bytes += nbytes
+        return [dt.torch_dtype for dt in dtypes]
+
     def _value(self, v: int, start: int, n: int) -> torch.Tensor:
         if v < self.n_sources:  # to the device and the accumulator dtype
             return self.leaf[:n].copy_(self._stored(v, start, n))
@@ -332,7 +352,8 @@ class _TensorGraph:
 
 @dataclass(frozen=True)
 class _ChunkRead:
-    """One node's recipe.library.base.Read for one chunk: read(i), read.source(i), read.format."""
+    """One node's recipe.library.base.Read for one chunk: read(i), read.source(i), read.rows,
+    read.format."""
 
     graph: _TensorGraph
     args: tuple[int, ...]
@@ -344,6 +365,9 @@ class _ChunkRead:
 
     def source(self, i: int, into: torch.Tensor | None = None) -> torch.Tensor:
         return self.graph._source(self.args[i], self.start, self.n, into)
+
+    def rows(self, inputs: list[int], store: torch.Tensor, slot: int) -> list[torch.dtype] | None:
+        return self.graph._rows([self.args[i] for i in inputs], self.start, self.n, store, slot)
 
     @property
     def format(self) -> tuple[int, torch.dtype, torch.device]:

@@ -75,7 +75,17 @@ from ..workspace import Workspace
 
 Read = Callable[[int], torch.Tensor]
 """read(i) -> chunk of input i, accumulator dtype, valid until the next call. A reader may
-also offer read.source(i) (see read_source) and read.format (see chunk_format)."""
+also offer read.source(i) (see read_source), read.rows (see read_rows) and read.format (see
+chunk_format)."""
+
+
+def read_rows(read: Read, inputs: list[int], store: torch.Tensor, slot: int) -> list[torch.dtype] | None:
+    """Several inputs' chunks as read_source gives them, read into the uint8 `store` (the r-th
+    at r * slot bytes) in one call, where the reader offers it (read.rows: the worker's, for
+    inputs it reads from files in dtypes the CPU kernels widen); their dtypes. None where the
+    reader does not, or not for all of these inputs (nothing is read then): read_source each."""
+    rows = getattr(read, "rows", None)
+    return None if rows is None else rows(inputs, store, slot)
 
 
 def chunk_format(read: Read) -> tuple[int, torch.dtype, torch.device] | None:
