@@ -296,12 +296,15 @@ class _TensorGraph:
     def _rows(self, vs: list[int], start: int, n: int, store: torch.Tensor, slot: int) -> list[torch.dtype] | None:
         """Sources vs' chunks in their own dtypes, read from their files into the uint8 store's rows
         of `slot` bytes (base.read_rows): the per-input Python of _source left out. None (nothing
-        read) for a node's value, a cached tensor, a dtype the CPU kernels do not widen, or a GPU."""
+        read) for a node's value, a cached tensor, a dtype the CPU kernels do not widen, a GPU,
+        or rows that do not fit (a chunk wider than `slot`, or the store shorter than the rows)."""
         if self.kept is not None or self.leaf.device.type != "cpu" or any(v >= self.n_sources for v in vs):
             return None
+        if store.dtype != torch.uint8 or store.device.type != "cpu" or not store.is_contiguous():
+            raise ValueError(f"rows: the store is {store.dtype} on {store.device}, not contiguous CPU bytes")
         sources = [self.tensor.sources[v] for v in vs]
         dtypes = [DTYPES[src.dtype] for src in sources]
-        if any(dt.torch_dtype != self.leaf.dtype and (dt.torch_dtype, self.leaf.dtype) not in WIDENED
+        if any((dt.torch_dtype != self.leaf.dtype and (dt.torch_dtype, self.leaf.dtype) not in WIDENED)
                or n * dt.itemsize > slot for dt in dtypes) or len(vs) * slot > store.numel():
             return None
         if self.ctx.cancel.is_set():

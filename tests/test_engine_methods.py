@@ -125,3 +125,33 @@ def test_tensor_cache_gives_the_same_bytes_and_reads_each_input_once(sd_models, 
         assert runs[0][1] > runs[0.05][1] > runs[64][1]
     else:
         assert runs[0][1] == runs[64][1]
+
+
+def test_grouped_reads_of_many_mixed_inputs_give_the_per_input_bytes(sd_models, tmp_path, monkeypatch):
+    """The worker reads a group's inputs in one call (read.rows: windows of GROUP inputs, a run
+    of one dtype per kernel call) and refuses a window holding a source the CPU kernels do not
+    widen (float64 into float32: each input read on its own then, as with the tensor cache).
+    Eleven task inputs in runs of float16, bfloat16, float64 and float32, TIES both ways: the
+    same bytes, and both ways taken."""
+    from astolfo_dist import worker
+
+    taken = {"rows": 0, "refused": 0}
+    rows = worker._TensorGraph._rows
+
+    def counted(self, *args):
+        got = rows(self, *args)
+        taken["rows" if got is not None else "refused"] += 1
+        return got
+
+    monkeypatch.setattr(worker._TensorGraph, "_rows", counted)
+    dtypes = ["F16"] * 3 + ["BF16"] * 2 + ["F16"] * 4 + ["F64", "F32", "F16"]
+    paths = [str(p) for p in sd_models(dtypes, keys=12, scale=16)]
+    outs = {}
+    for cache_mb in (0, 64):  # with every tensor cached, no input is read by rows
+        out = tmp_path / f"c{cache_mb}.safetensors"
+        merge(paths[:-1], out, method="ties", base=paths[-1], params={"density": 0.3, "consensus": "count"},
+              chunk_mb=0.004, workers=2, tensor_cache_mb=cache_mb)
+        outs[cache_mb] = sha256(out)
+        if cache_mb == 0:
+            assert taken["rows"] > 0 and taken["refused"] > 0, taken
+    assert outs[0] == outs[64]

@@ -49,15 +49,31 @@ SOURCES = [torch.float16, torch.bfloat16, torch.float32]
 class Reader:
     """read(i): chunk i of input i, a fresh copy; the previous copy is poisoned. With `sources`
     (the inputs in their own dtypes, as the worker reads them), read.source(i) and
-    read.format too (as the worker's reader: the CPU's grouped statistic pass)."""
+    read.format too (as the worker's reader: the CPU's grouped statistic pass), and with
+    `rows`, read.rows (several sources into a store's rows at once, as the worker's; None
+    where a source's dtype does not widen to the accumulator's)."""
 
     def __init__(self, xs: list[torch.Tensor], start: int, n: int,
-                 sources: list[torch.Tensor] | None = None) -> None:
+                 sources: list[torch.Tensor] | None = None, rows: bool = False) -> None:
         self.xs, self.start, self.n = xs, start, n
         self.last: torch.Tensor | None = None
+        self.rows_read = 0
         if sources is not None:
             self.source = lambda i, into=None: self._fresh(sources, i)
             self.format = (xs[0][start : start + n].numel(), xs[0].dtype, xs[0].device)
+            if rows:
+                self.rows = lambda inputs, store, slot: self._rows(sources, inputs, store, slot)
+
+    def _rows(self, sources: list[torch.Tensor], inputs: list[int], store: torch.Tensor,
+              slot: int) -> list[torch.dtype] | None:
+        acc = self.xs[0].dtype
+        if any(sources[i].dtype != acc and (sources[i].dtype, acc) not in WIDENED for i in inputs):
+            return None
+        for r, i in enumerate(inputs):
+            chunk = sources[i][self.start : self.start + self.n].reshape(-1).view(torch.uint8)
+            store[r * slot : r * slot + chunk.numel()].copy_(chunk)
+        self.rows_read += len(inputs)
+        return [sources[i].dtype for i in inputs]
 
     def _fresh(self, xs: list[torch.Tensor], i: int) -> torch.Tensor:
         if self.last is not None:
@@ -78,9 +94,10 @@ def run(
     split: bool = False,
     seed: int = 0,
     sources: list[torch.Tensor] | None = None,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Output (flat, accumulator dtype) and the number of statistic passes; with `sources`, the
-    reader offers them (Reader)."""
+    reader offers them (Reader), and with `rows`, several at once."""
     numel = xs[0].numel()
     rnd = random.Random(seed)
     state = method.begin(key, numel, len(xs))
@@ -92,11 +109,11 @@ def run(
         if split:  # two workers with pickled copies of the pass-start state
             parts = [pickle.loads(pickle.dumps(state)) for _ in range(2)]
             for s in starts:
-                method.observe(parts[rnd.randrange(2)], passes, s, Reader(xs, s, chunk, sources))
+                method.observe(parts[rnd.randrange(2)], passes, s, Reader(xs, s, chunk, sources, rows))
             state = method.merge_states(parts[0], parts[1])
         else:
             for s in starts:
-                method.observe(state, passes, s, Reader(xs, s, chunk, sources))
+                method.observe(state, passes, s, Reader(xs, s, chunk, sources, rows))
         method.end_pass(state, passes)
         passes += 1
     out = torch.full((numel,), math.nan, dtype=xs[0].dtype)
@@ -104,7 +121,7 @@ def run(
     for s in starts:
         n = min(chunk, numel - s)
         buf = torch.empty(n, dtype=xs[0].dtype)
-        method.output(state, s, Reader(xs, s, chunk, sources), buf)
+        method.output(state, s, Reader(xs, s, chunk, sources, rows), buf)
         out[s : s + n] = buf
     return out, passes
 
@@ -713,12 +730,14 @@ def test_random_methods_read_inputs_as_they_are_with_the_same_bits(source, name)
             assert bits_equal(converted.nan_to_num(0.5), as_read.nan_to_num(0.5)), (params, chunk)
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("group", [3, 8])
-def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkeypatch):
+def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, rows, monkeypatch):
     """On the CPU, TIES's output takes the inputs as read, `GROUP` per pass over the chunk, a
     group ending where the dtype changes (_fused.topk_sides_group); a GPU takes torch
     operations, one input at a time. Same bits, over 11 inputs in runs of float16, bfloat16
-    and float32, with NaN, inf and zero deltas, weights and both consensus rules."""
+    and float32, with NaN, inf and zero deltas, weights and both consensus rules; the inputs
+    read one by one or a window at a time (read.rows)."""
     from astolfo_dist.recipe.library import _fused, _taskvec
 
     monkeypatch.setattr(_taskvec, "GROUP", group)
@@ -736,7 +755,11 @@ def test_ties_output_groups_of_inputs_as_read_equal_the_torch_path(group, monkey
     xs = [x.float() for x in originals]
     configs = [{"density": 0.3}, {"density": 0.6, "consensus": "count", "lambda": 0.5,
                                   "weights": [1.0, 0.5, 2.0, -1.0, 0.3, 1.0, 1.0, 0.7, 1.5, 1.0, 2.5]}]
-    fused = [run(build("ties", c, base=0), xs, 1000, sources=originals)[0] for c in configs]
+    read_rows = _taskvec.read_rows
+    by_rows = []
+    monkeypatch.setattr(_taskvec, "read_rows", lambda *a: (by_rows.append(read_rows(*a)), by_rows[-1])[1])
+    fused = [run(build("ties", c, base=0), xs, 1000, sources=originals, rows=rows)[0] for c in configs]
+    assert by_rows and all((got is not None) == rows for got in by_rows)  # read.rows, where the reader has it
     # The dtype runs after the base (f16 x3, bf16 x2, f16 x4, f32 x2) within windows of `group` inputs
     runs = [3, 2, 3, 1, 2] if group > 3 else [3, 2, 1, 3, 2]
     assert calls == runs * len(configs) * -(-xs[0].numel() // 1000), calls  # every chunk, every input once

@@ -246,17 +246,17 @@ def _read_groups(read: Read, inputs: list[tuple[int, int]], store: torch.Tensor,
     rows of `slot` bytes (base.read_rows where the reader offers it: one call for GROUP inputs,
     where a call per input cost ~11 us of Python; else _read_into each): yields each run of
     one dtype as (keys, dtype, its first row, whether it is the last), its chunks in rows
-    first, first + 1, ... (valid until the next step)."""
+    row0, row0 + 1, ... (valid until the next step)."""
     for w in range(0, len(inputs), GROUP):
         window = inputs[w : w + GROUP]
         dtypes = read_rows(read, [i for _, i in window], store, slot)
         if dtypes is None:
             dtypes = [_read_into(read, i, store[r * slot : (r + 1) * slot]).dtype for r, (_, i) in enumerate(window)]
-        first = 0
+        row0 = 0
         for r in range(1, len(window) + 1):
-            if r == len(window) or dtypes[r] != dtypes[first]:  # a group holds one dtype
-                yield [key for key, _ in window[first:r]], dtypes[first], first, w + r == len(inputs)
-                first = r
+            if r == len(window) or dtypes[r] != dtypes[row0]:  # a group holds one dtype
+                yield [key for key, _ in window[row0:r]], dtypes[row0], row0, w + r == len(inputs)
+                row0 = r
 
 
 def _ordered_sum(values: tuple[float, ...]) -> float:
@@ -369,8 +369,8 @@ class SelectingMethod(TaskVectorMethod):
         if not all(state.selections[j][0].gathering for j, _ in inputs):
             wide = ws.buffer("taskvec.delta", dtype, n, device).copy_(base)
         store = ws.buffer("taskvec.group", dtype, GROUP * n, device).view(torch.uint8)  # as fused_election's
-        for members, group_dtype, first, _ in _read_groups(read, inputs, store, slot):
-            feed_group(fused, [(state.selections[j][0], first + k) for k, j in enumerate(members)], store,
+        for members, group_dtype, row0, _ in _read_groups(read, inputs, store, slot):
+            feed_group(fused, [(state.selections[j][0], row0 + k) for k, j in enumerate(members)], store,
                        group_dtype, slot, base, dtype, wide, start, ws)
         return n
 
@@ -412,9 +412,9 @@ class SelectingMethod(TaskVectorMethod):
         base = _read_into(read, self.base, ws.like("taskvec.base", out).view(torch.uint8))
         slot = n * out.element_size()  # bytes per input: room for any dtype that widens to out's
         store = ws.buffer("taskvec.group", out.dtype, GROUP * n, out.device).view(torch.uint8)
-        for members, dtype, first, last in _read_groups(read, list(enumerate(self.others(state.n_inputs))), store,
-                                                        slot):
-            sides.fused.topk_sides_group(store[first * slot :], len(members), dtype, slot, base, start,
+        for members, dtype, row0, last in _read_groups(read, list(enumerate(self.others(state.n_inputs))), store,
+                                                       slot):
+            sides.fused.topk_sides_group(store[row0 * slot :], len(members), dtype, slot, base, start,
                                          [results[j] for j in members],
                                          [weights[j] for j in members], sides.score, sides.mix, sides.neg,
                                          sides.count, sides.weights, first=not sides.started,
