@@ -57,7 +57,6 @@ class Reader:
                  sources: list[torch.Tensor] | None = None, rows: bool = False) -> None:
         self.xs, self.start, self.n = xs, start, n
         self.last: torch.Tensor | None = None
-        self.rows_read = 0
         if sources is not None:
             self.source = lambda i, into=None: self._fresh(sources, i)
             self.format = (xs[0][start : start + n].numel(), xs[0].dtype, xs[0].device)
@@ -72,7 +71,6 @@ class Reader:
         for r, i in enumerate(inputs):
             chunk = sources[i][self.start : self.start + self.n].reshape(-1).view(torch.uint8)
             store[r * slot : r * slot + chunk.numel()].copy_(chunk)
-        self.rows_read += len(inputs)
         return [sources[i].dtype for i in inputs]
 
     def _fresh(self, xs: list[torch.Tensor], i: int) -> torch.Tensor:
