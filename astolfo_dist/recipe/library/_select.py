@@ -750,18 +750,14 @@ def feed_group(fused, rows: list[tuple[Selection, int]], store: torch.Tensor, dt
     n, size = base.numel(), torch.empty(0, dtype=dtype).element_size()
     gathering: list[tuple[Selection, int]] = []
     for sel, k in rows:
-        if not sel.gathering:
+        sel._take_dtype(delta_dtype)
+        if not sel.gathering:  # as feed: a first chunk chooses the band, else (none fits) a histogram pass
             if wide_base is None:
                 raise ValueError("feed_group: a selection that does not gather its band needs the widened base")
             x = store[k * slot : k * slot + n * size].view(dtype)
-            if not sel.band_open:
+            if not (sel.band_open and sel._open_band(fused, x, wide_base)):
                 sel.feed(x, start, workspace, base=wide_base)
                 continue
-            sel._take_dtype(delta_dtype)
-            if not sel._open_band(fused, x, wide_base):
-                sel.feed(x, start, workspace, base=wide_base)  # no band fits: a histogram pass, this chunk on
-                continue
-        sel._take_dtype(delta_dtype)
         gathering.append((sel, k))
     if not gathering:
         return
