@@ -276,6 +276,19 @@ class _TensorGraph:
                                    f"{method.tensor_passes} passes")
             self.states[j] = state
 
+    def output_at_once(self) -> torch.Tensor | None:
+        """The tensor's output where its one node computes it in one step (Method.output_at_once:
+        a tensor of one chunk, its inputs not cached), else None: settle, then output."""
+        numel = self.tensor.numel
+        if len(self.calls) != 1 or numel > self.ctx.chunk_elems or self.kept is not None:
+            return None
+        out = self.values[0][:numel]
+        self.holds[0] = None  # its value buffer takes the output
+        method = self.methods[0]
+        if not method.output_at_once(self.tensor.name, numel, len(self.calls[0].args), self._reader(0, 0, numel), out):
+            return None
+        return out
+
     def output(self, start: int, n: int) -> torch.Tensor:
         """The last node's value for elements [start, start + n): the tensor's output chunk."""
         return self._value(self.n_sources + len(self.calls) - 1, start, n)
@@ -381,12 +394,14 @@ def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuff
     """A tensor computed by recipe.library methods: every node's statistic passes over every
     chunk (states stay O(inputs), never O(elements)), then the output chunk by chunk."""
     graph = _TensorGraph(ctx, tensor, buffers)
-    graph.settle()
     out_dt = DTYPES[tensor.dtype]
+    at_once = graph.output_at_once()
+    if at_once is None:
+        graph.settle()
     for start in range(0, tensor.numel, ctx.chunk_elems):
         n = min(ctx.chunk_elems, tensor.numel - start)
         host_out = buffers.out.typed(out_dt, n)
-        host_out.copy_(graph.output(start, n))
+        host_out.copy_(graph.output(start, n) if at_once is None else at_once)
         _emit(ctx, tensor, start * out_dt.itemsize, buffers.out.bytes[: n * out_dt.itemsize], result)
     result.read_bytes += graph.read_bytes
     if ctx.on_progress:

@@ -155,3 +155,65 @@ def test_grouped_reads_of_many_mixed_inputs_give_the_per_input_bytes(sd_models, 
         if cache_mb == 0:
             assert taken["rows"] > 0 and taken["refused"] > 0, taken
     assert outs[0] == outs[64]
+
+
+def _tie_heavy_models(folder, n_inputs: int) -> list[str]:
+    """Small tensors (one chunk each) whose deltas tie at the threshold, are all zero, hold NaN
+    and inf, or keep everything; inputs in float16, bfloat16 and float32 in turn, the base last."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    base = {"plain": torch.randn(3000, generator=g), "ties": torch.randn(4096, generator=g),
+            "zeros": torch.randn(1500, generator=g), "odd": torch.randn(2000, generator=g),
+            "tiny": torch.randn(40, generator=g), "edge": torch.randn(16384, generator=g)}
+    paths = []
+    for i in range(n_inputs + 1):
+        if i == n_inputs:
+            sd = {k: v.half() for k, v in base.items()}
+        else:
+            sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+            sd["ties"] = base["ties"] + torch.randint(-3, 4, (4096,), generator=g) * 0.25  # few distinct deltas
+            sd["zeros"] = base["zeros"].half().float()  # equal to the base: every delta is zero
+            sd["odd"][7] = float("nan")
+            sd["odd"][11 + i] = float("inf") if i % 2 else -float("inf")
+            sd = {k: v.to([torch.float16, torch.bfloat16, torch.float32][i % 3]) for k, v in sd.items()}
+        path = folder / f"t{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("n_inputs,params", [
+    (3, {"density": 0.3}),
+    (3, {"density": 0.01, "consensus": "count", "weights": [0.5, 1.0, 2.0]}),
+    (11, {"density": 0.7, "lambda": 0.9}),  # more task inputs than a kernel group
+    (2, {"density": 0.9999}),  # every element kept in the smaller tensors
+])
+def test_small_tensors_at_once_give_the_passes_bytes(tmp_path, monkeypatch, n_inputs, params):
+    """A tensor read as one chunk takes TIES's selection and output in one step
+    (SelectingMethod.output_at_once: each input read once, each row's exact top-k from a
+    partition): the same bytes as its statistic passes and output pass, ties at the threshold,
+    all-zero deltas, NaN and inf and mixed dtypes included, and each input byte read once."""
+    from astolfo_dist.recipe.library import _taskvec
+
+    paths = _tie_heavy_models(tmp_path, n_inputs)
+    taken = []
+    at_once = _taskvec.SelectingMethod.output_at_once
+
+    def counted(self, *args):
+        got = at_once(self, *args)
+        taken.append(got)
+        return got
+
+    monkeypatch.setattr(_taskvec.SelectingMethod, "output_at_once", counted)
+    runs = {}
+    for limit in ("at once", "passes"):
+        if limit == "passes":
+            monkeypatch.setattr(_taskvec, "AT_ONCE_MAX", 0)
+        out = tmp_path / f"{limit}.safetensors"
+        result = merge(paths[:-1], out, method="ties", base=paths[-1], params=params, workers=2)
+        runs[limit] = (sha256(out), result.read_bytes)
+    assert taken.count(True) == 6 and taken.count(False) == 6, taken  # all six tensors, then none
+    assert runs["at once"][0] == runs["passes"][0]
+    assert runs["at once"][1] == one_pass_read_bytes(paths[:-1], paths[-1], tmp_path / "once.safetensors")
+    assert runs["passes"][1] > runs["at once"][1]

@@ -796,6 +796,66 @@ def band_gather_group(store: torch.Tensor, slots: list[int], dtype: torch.dtype,
     return banded, above
 
 
+@numba.njit(**KERNEL)
+def _exact_topk_rows(xs, rows, stride, base, t_base, k, sign_cleared, nan_key, inert_zeros, keys,
+                     out):  # pragma: no cover (compiled)
+    n = base.shape[0]
+    for i in range(n):
+        t_base[i] = _widen(base[i])
+    for r in range(rows):
+        x = xs[r * stride : r * stride + n]
+        for i in range(n):
+            keys[i] = _delta_key(x[i], t_base[i], True, sign_cleared, nan_key)
+        chosen = np.partition(keys, n - k)[n - k]  # the k-th largest key: the (n - k)-th smallest from 0
+        greater = 0
+        equal = 0
+        for i in range(n):
+            greater += keys[i] > chosen
+            equal += keys[i] == chosen
+        need = k - greater
+        cut = n
+        if chosen == 0 and inert_zeros:
+            need = equal  # every zero kept: it changes no output value
+        elif need < equal:  # the first `need` ties in index order are kept
+            seen = 0
+            for i in range(n):
+                if keys[i] == chosen:
+                    seen += 1
+                    if seen == need:
+                        cut = i + 1
+                        break
+        out[r, 0] = chosen
+        out[r, 1] = greater
+        out[r, 2] = equal
+        out[r, 3] = need
+        out[r, 4] = cut
+
+
+def exact_topk_rows(store: torch.Tensor, rows: int, dtype: torch.dtype, slot: int, base: torch.Tensor,
+                    delta_dtype: torch.dtype, k: int, inert_zeros: bool) -> np.ndarray:
+    """The exact top-k selection (_select.Selection's result, bit for bit) of the deltas of `rows`
+    inputs' chunks as read (`dtype`, in the uint8 `store`, `slot` bytes apart) against the base
+    as read, in `delta_dtype`, where each chunk is a whole tensor of base.numel() elements and
+    0 < k < numel: per row (threshold key, keys above it, keys equal to it, how many of those
+    are kept, the cut index), as Selection._end_collect settles them. For small tensors: a
+    partition of each row's keys, O(numel), in one call, where a Selection's passes cost
+    ~2 ms of Python per tensor."""
+    n = base.numel()
+    size = dtype.itemsize
+    _bytes_store("exact_topk_rows", store)
+    if not 0 < k < n or slot % size or slot < n * size or store.numel() < rows * slot or not base.is_contiguous():
+        raise ValueError(f"exact_topk_rows: {rows} rows of {slot} bytes in {store.numel()}, k={k} of {n}")
+    for t in (dtype, base.dtype):
+        if t != delta_dtype and (t, delta_dtype) not in WIDENED:
+            raise ValueError(f"exact_topk_rows: {t} does not widen to {delta_dtype} exactly")
+    ints, sign_cleared, nan_key = _key_constants(delta_dtype)
+    out = np.empty((rows, 5), dtype=np.int64)
+    _exact_topk_rows(source_array(store[: rows * slot].view(dtype)), rows, slot // size, source_array(base),
+                     np.empty(n, dtype=_np(torch.empty(0, dtype=delta_dtype)).dtype), k, sign_cleared, nan_key,
+                     inert_zeros, np.empty(n, dtype=ints), out)
+    return out
+
+
 def sample_histogram(x: torch.Tensor, base: torch.Tensor | None, digit_shift: int, hist: torch.Tensor,
                      every: int) -> tuple[int, int]:
     """The first digits (key >> digit_shift, as band_gather's) of a sample of x's keys (or of

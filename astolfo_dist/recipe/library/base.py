@@ -327,6 +327,12 @@ class Method(ABC, Generic[P, S]):
         a.seen += b.seen
         return a
 
+    def output_at_once(self, key: str, numel: int, n_inputs: int, read: Read, out: torch.Tensor) -> bool:
+        """Optional, for a tensor read as one chunk (`read`, `out`: all of it): its statistics
+        and its output in one step, begin to output, each input read once where the passes
+        would read it again; the same output bytes. False (nothing read): none here."""
+        return False
+
     @abstractmethod
     def output(self, state: S, start: int, read: Read, out: torch.Tensor) -> None:
         """Write the result for elements [start, start + len(out)) into `out` (accumulator dtype)."""
