@@ -392,7 +392,8 @@ class _ChunkRead:
 
 def _method_tensor(ctx: WorkerContext, tensor: PlannedTensor, buffers: ChunkBuffers, result: ShardResult) -> None:
     """A tensor computed by recipe.library methods: every node's statistic passes over every
-    chunk (states stay O(inputs), never O(elements)), then the output chunk by chunk."""
+    chunk (states stay O(inputs), never O(elements)), then the output chunk by chunk; or, for
+    a tensor of one chunk whose method offers it (Method.output_at_once), both in one step."""
     graph = _TensorGraph(ctx, tensor, buffers)
     out_dt = DTYPES[tensor.dtype]
     at_once = graph.output_at_once()
