@@ -159,7 +159,8 @@ def test_grouped_reads_of_many_mixed_inputs_give_the_per_input_bytes(sd_models, 
 
 def _tie_heavy_models(folder, n_inputs: int) -> list[str]:
     """Small tensors (one chunk each) whose deltas tie at the threshold, are all zero, hold NaN
-    and inf, or keep everything; inputs in float16, bfloat16 and float32 in turn, the base last."""
+    and inf, or keep everything; inputs in float16, bfloat16 and float32, two of each in turn
+    (so that a kernel call takes several rows), the base last."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(5)
@@ -176,20 +177,21 @@ def _tie_heavy_models(folder, n_inputs: int) -> list[str]:
             sd["zeros"] = base["zeros"].half().float()  # equal to the base: every delta is zero
             sd["odd"][7] = float("nan")
             sd["odd"][11 + i] = float("inf") if i % 2 else -float("inf")
-            sd = {k: v.to([torch.float16, torch.bfloat16, torch.float32][i % 3]) for k, v in sd.items()}
+            sd = {k: v.to([torch.float16, torch.bfloat16, torch.float32][i // 2 % 3]) for k, v in sd.items()}
         path = folder / f"t{i}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
         paths.append(str(path))
     return paths
 
 
-@pytest.mark.parametrize("n_inputs,params", [
-    (3, {"density": 0.3}),
-    (3, {"density": 0.01, "consensus": "count", "weights": [0.5, 1.0, 2.0]}),
-    (11, {"density": 0.7, "lambda": 0.9}),  # more task inputs than a kernel group
-    (2, {"density": 0.9999}),  # every element kept in the smaller tensors
+@pytest.mark.parametrize("n_inputs,params,accumulate", [
+    (3, {"density": 0.3}, "auto"),
+    (3, {"density": 0.01, "consensus": "count", "weights": [0.5, 1.0, 2.0]}, "auto"),
+    (11, {"density": 0.7, "lambda": 0.9}, "auto"),  # more task inputs than a kernel group
+    (2, {"density": 0.9999}, "auto"),  # every element kept in the smaller tensors
+    (4, {"density": 0.4}, "fp64"),  # float64 deltas: int64 keys
 ])
-def test_small_tensors_at_once_give_the_passes_bytes(tmp_path, monkeypatch, n_inputs, params):
+def test_small_tensors_at_once_give_the_passes_bytes(tmp_path, monkeypatch, n_inputs, params, accumulate):
     """A tensor read as one chunk takes TIES's selection and output in one step
     (SelectingMethod.output_at_once: each input read once, each row's exact top-k from a
     partition): the same bytes as its statistic passes and output pass, ties at the threshold,
@@ -211,7 +213,8 @@ def test_small_tensors_at_once_give_the_passes_bytes(tmp_path, monkeypatch, n_in
         if limit == "passes":
             monkeypatch.setattr(_taskvec, "AT_ONCE_MAX", 0)
         out = tmp_path / f"{limit}.safetensors"
-        result = merge(paths[:-1], out, method="ties", base=paths[-1], params=params, workers=2)
+        result = merge(paths[:-1], out, method="ties", base=paths[-1], params=params, workers=2,
+                       accumulate=accumulate)
         runs[limit] = (sha256(out), result.read_bytes)
     assert taken.count(True) == 6 and taken.count(False) == 6, taken  # all six tensors, then none
     assert runs["at once"][0] == runs["passes"][0]
