@@ -415,10 +415,9 @@ class SelectingMethod(TaskVectorMethod):
         elements, 3.8 against 3.0 at 65536)."""
         ks = self.counts(numel)
         others = self.others(n_inputs)
-        overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
         fmt = chunk_format(read)
-        if (len(ks) != 1 or overridden or not self.params.sign_election or fmt is None or fmt[0] != numel
-                or not 0 < numel <= AT_ONCE_MAX):
+        if (len(ks) != 1 or not self._masks_are_selections or not self.params.sign_election or fmt is None
+                or fmt[0] != numel or not 0 < numel <= AT_ONCE_MAX):
             return False
         self.check_inputs(n_inputs)
         n, dtype, device = fmt
@@ -426,10 +425,10 @@ class SelectingMethod(TaskVectorMethod):
         # Every input's row at once: within the GROUP chunks the budget reserves for the group.
         if len(others) * n > GROUP * max(ws.capacity, n):
             return False
-        base_room = ws.buffer("taskvec.base", dtype, n, device)
         sides = _Sides(ws, out, self.params.consensus, self.params.normalized)
-        if cpu_kernels(base_room) is None or sides.fused is None:
+        if sides.fused is None:  # not on the CPU
             return False
+        base_room = ws.buffer("taskvec.base", dtype, n, device)
         p, k = self.params, ks[0]
         slot = n * base_room.element_size()
         base = _read_into(read, self.base, base_room.view(torch.uint8))
@@ -465,10 +464,15 @@ class SelectingMethod(TaskVectorMethod):
         """Input j's one selection, where its result alone is the keep mask (TIES) of deltas in
         `dtype`, else None."""
         sels = state.selections[j]
-        overridden = type(self).keep is not SelectingMethod.keep or type(self).sparsify is not SelectingMethod.sparsify
-        if len(sels) != 1 or overridden or sels[0].result.dtype not in (None, dtype):
+        if len(sels) != 1 or not self._masks_are_selections or sels[0].result.dtype not in (None, dtype):
             return None
         return sels[0].result
+
+    @property
+    def _masks_are_selections(self) -> bool:
+        """Whether each selection's result is its input's keep mask as it is (keep and sparsify
+        not overridden: TIES), which the fused kernels take."""
+        return type(self).keep is SelectingMethod.keep and type(self).sparsify is SelectingMethod.sparsify
 
     def takes_source(self, state: SelectionState, j: int, base: torch.Tensor) -> bool:
         return self._single_selection(state, j, base.dtype) is not None and cpu_kernels(base) is not None
